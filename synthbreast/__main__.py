@@ -1,0 +1,3 @@
+from synthbreast.cli import app
+
+app(prog_name="synthbreast")

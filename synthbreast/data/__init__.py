@@ -1,0 +1,1 @@
+"""Image folders and WebDataset shards: demo data, ingest, the shard schema and reader."""

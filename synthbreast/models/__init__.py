@@ -1,0 +1,1 @@
+"""nn.Modules and their configs only: no files, no Accelerator, no CLI."""
