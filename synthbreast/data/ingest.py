@@ -1,0 +1,523 @@
+"""Image folder -> WebDataset shards, split by patient into pools, with a manifest.
+
+Stages: scan the layout -> check every image (decode fully, size) -> stop on bad input or skip
+and count it -> sample per class -> split patients into pools -> balance -> write shards
+atomically, recording each in the manifest as it lands -> mark the manifest complete.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from synthbreast import __version__
+from synthbreast.config import IngestConfig, save_config, to_dict
+from synthbreast.data.layouts import LAYOUTS, Problem, Record, Scan
+from synthbreast.data.shards import MANIFEST, SCHEMA, Sample, load_manifest, save_manifest
+from synthbreast.data.shards import write_shard as write_shard_file
+from synthbreast.errors import UserError
+from synthbreast.fileio import sha256_file
+
+DEMO_MARKER = "synthbreast-demo.json"  # written by `synthbreast demo-data` at the top level
+CONFIG = "config.json"
+PAD_COLOUR = (255, 255, 255)  # slide background: border patches are padded with white glass
+SMALL_POLICIES = ("error", "pad", "drop")
+BALANCE_POLICIES = ("none", "undersample")
+MAX_LISTED = 50  # bad files listed in an error message (all of them go to the manifest)
+
+# Config fields that do not change what an ingest writes (so a resume may differ in them).
+_RUN_ONLY_FIELDS = ("workers", "overwrite", "resume")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A record whose pixels were read: its size, or why it cannot be used."""
+
+    record: Record
+    width: int = 0
+    height: int = 0
+    reason: str | None = None
+    detail: str = ""
+
+
+# --- checking images -------------------------------------------------------------------
+
+
+def check_image(path: Path, patch_size: int | None) -> tuple[int, int, str | None, str]:
+    """Decode one image fully. Returns (width, height, reason, detail); reason None = good.
+
+    Reasons: empty_file, corrupt, truncated, wrong_size (larger or not square-able),
+    small (smaller than the patch size in both sides: a slide-border patch).
+    """
+    try:
+        if path.stat().st_size == 0:
+            return 0, 0, "empty_file", "0 bytes"
+        with Image.open(path) as img:
+            img.load()  # decode every pixel: a truncated file fails here, not at open
+            width, height = img.size
+    except UnidentifiedImageError:
+        return 0, 0, "corrupt", "not a readable image"
+    except (OSError, SyntaxError, ValueError) as err:
+        text = str(err)
+        reason = "truncated" if "truncated" in text.lower() else "corrupt"
+        return 0, 0, reason, text[:200]
+    if patch_size is not None and (width, height) != (patch_size, patch_size):
+        if width <= patch_size and height <= patch_size:
+            return width, height, "small", f"{width}x{height}, expected {patch_size}x{patch_size}"
+        return width, height, "wrong_size", f"{width}x{height}, expected {patch_size}x{patch_size}"
+    return width, height, None, ""
+
+
+def _check_one(args: tuple[str, str, int | None]) -> tuple[int, int, str | None, str]:
+    root, rel, patch_size = args
+    return check_image(Path(root) / rel, patch_size)
+
+
+def check_records(
+    root: Path, records: list[Record], patch_size: int | None, workers: int, progress=None
+) -> list[Checked]:
+    """Check every record's pixels, in `workers` processes (decoding is the cost of a scan)."""
+    jobs = [(str(root), r.path, patch_size) for r in records]
+    task = progress.add_task("checking images", total=len(jobs)) if progress else None
+    results = []
+    if workers > 1 and len(jobs) > 256:
+        # spawn, not fork: the caller may hold torch's thread pools, which do not survive fork
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for result in pool.map(_check_one, jobs, chunksize=128):
+                results.append(result)
+                if progress:
+                    progress.advance(task)
+    else:
+        for job in jobs:
+            results.append(_check_one(job))
+            if progress:
+                progress.advance(task)
+    return [Checked(r, *result) for r, result in zip(records, results, strict=True)]
+
+
+# --- planning: sampling, patient split, balancing, shards ------------------------------
+
+
+def pool_fractions(config: IngestConfig) -> dict[str, float]:
+    """The paper's protocol: a GAN pool, then the classification pool split train/test."""
+    gan = config.gan_fraction
+    fractions = {
+        "gan": gan,
+        "train": (1 - gan) * (1 - config.test_fraction),
+        "test": (1 - gan) * config.test_fraction,
+    }
+    return {name: f for name, f in fractions.items() if f > 0}
+
+
+def cap_per_class(records: list[Record], cap: int | None, seed: int) -> list[Record]:
+    """Keep at most `cap` images per class, sampled uniformly (the paper used 78,000 of each)."""
+    if cap is None:
+        return records
+    rng = random.Random(f"cap-{seed}")
+    kept = []
+    for label in sorted({r.label for r in records}):
+        members = [r for r in records if r.label == label]
+        kept += rng.sample(members, cap) if len(members) > cap else members
+    return sorted(kept, key=lambda r: r.path)
+
+
+def split_patients(
+    records: list[Record], fractions: dict[str, float], seed: int, trials: int = 200
+) -> dict[str, list[str]]:
+    """Assign whole patients to pools so that each pool gets about its share of every class.
+
+    One trial visits the patients in a seeded random order and puts each into the pool
+    furthest below its target, measured per class as a share of that class's total (so no
+    pool ends up with all of one class). Patients differ a lot in size, so one greedy pass
+    can miss the targets by several points: the best of `trials` orders (all derived from
+    `seed`) is kept. No patient is ever in two pools.
+    """
+    per_patient: dict[str, Counter] = {}
+    for r in records:
+        per_patient.setdefault(r.patient, Counter())[r.label] += 1
+    labels = sorted({r.label for r in records})
+    totals = {c: sum(p[c] for p in per_patient.values()) for c in labels}
+    rng = random.Random(f"split-{seed}")
+    best, best_error = None, float("inf")
+    for _ in range(trials):
+        patients = sorted(per_patient)
+        rng.shuffle(patients)
+        shares = {name: dict.fromkeys(labels, 0.0) for name in fractions}
+        pools: dict[str, list[str]] = {name: [] for name in fractions}
+        for patient in patients:
+            target = max(
+                fractions,
+                key=lambda name: sum(fractions[name] - shares[name][c] for c in labels),
+            )
+            pools[target].append(patient)
+            for c in labels:
+                shares[target][c] += per_patient[patient][c] / totals[c]
+        error = sum((fractions[n] - shares[n][c]) ** 2 for n in fractions for c in labels)
+        if any(not members for members in pools.values()):
+            error += len(fractions)  # an empty pool is the worst outcome
+        if error < best_error:
+            best, best_error = pools, error
+    return {name: sorted(members) for name, members in best.items()}
+
+
+def undersample(records: list[Record], seed: int, pool: str) -> list[Record]:
+    """Equal classes inside a pool: every class sampled down to the smallest one."""
+    by_label: dict[int, list[Record]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    smallest = min(len(v) for v in by_label.values())
+    rng = random.Random(f"balance-{seed}-{pool}")
+    kept = [r for members in by_label.values() for r in rng.sample(members, smallest)]
+    return sorted(kept, key=lambda r: r.path)
+
+
+def shard_sizes(n: int, shard_size: int, min_shards: int) -> list[int]:
+    """Split n samples into near-equal shards: at most shard_size each, at least min_shards."""
+    if n == 0:
+        return []
+    count = max(-(-n // shard_size), min(min_shards, n))
+    return [n // count + (1 if i < n % count else 0) for i in range(count)]
+
+
+def sample_keys(records: list[Record]) -> dict[str, str]:
+    """A stable, unique, dot-free key per record: the file stem when stems are unique."""
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+    stems = {r.path: clean(Path(r.path).stem) for r in records}
+    if len(set(stems.values())) == len(stems):
+        return stems
+    return {r.path: clean(str(Path(r.path).with_suffix(""))) for r in records}
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def pad_to(data: bytes, size: int) -> bytes:
+    """A small border patch pasted top-left onto a white size x size canvas, as PNG."""
+    with Image.open(io.BytesIO(data)) as img:
+        canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+        canvas.paste(img.convert("RGB"), (0, 0))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def make_sample(
+    src: Path, checked: Checked, key: str, pool: str, patch_size: int | None, demo: bool
+) -> Sample:
+    r = checked.record
+    data = (src / r.path).read_bytes()
+    ext = Path(r.path).suffix.lower().lstrip(".")
+    meta: dict[str, Any] = {
+        "patient": r.patient,
+        "label": r.label,
+        "x": r.x,
+        "y": r.y,
+        "path": r.path,
+        "pool": pool,
+        "width": checked.width,
+        "height": checked.height,
+        "demo": demo,
+    }
+    if checked.reason == "small":
+        data, ext = pad_to(data, patch_size), "png"
+        meta["padded_from"] = [checked.width, checked.height]
+        meta["width"] = meta["height"] = patch_size
+    return Sample(key=key, image=data, label=r.label, meta=meta, ext=ext)
+
+
+# --- the output folder -----------------------------------------------------------------
+
+
+def _ours(path: Path) -> bool:
+    """Files an ingest writes (and --overwrite may delete)."""
+    name = path.name
+    return (
+        name in (MANIFEST, CONFIG)
+        or (name.endswith(".tar") and path.is_file())
+        or (name.startswith(".") and ".tmp-" in name)
+        or (name == "inspect" and path.is_dir())
+    )
+
+
+def check_output(out: Path, config: IngestConfig) -> str:
+    """May this job write to OUT? Returns "new", "overwrite" or "resume"; raises if not.
+
+    Called before any work, so a refusal costs nothing; nothing is deleted here.
+    """
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return "new"
+    if config.resume:
+        if not (out / MANIFEST).is_file():
+            raise UserError(f"{out} has no {MANIFEST} to resume from: use --overwrite")
+        return "resume"
+    if not config.overwrite:
+        raise UserError(
+            f"{out} is not empty: pass --overwrite to replace the shards there, or --resume to "
+            "finish an interrupted ingest"
+        )
+    strangers = [p.name for p in entries if not _ours(p)]
+    if strangers:
+        raise UserError(
+            f"{out} holds files that ingest did not write ({', '.join(strangers[:5])}); "
+            "refusing to delete them: choose an empty or new OUT"
+        )
+    return "overwrite"
+
+
+def clear_output(out: Path) -> None:
+    """Delete what an earlier ingest wrote to OUT (check_output made sure that is all)."""
+    for path in out.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    strip = {k: v for k, v in a.items() if k not in _RUN_ONLY_FIELDS}
+    return strip == {k: v for k, v in b.items() if k not in _RUN_ONLY_FIELDS}
+
+
+# --- the job ---------------------------------------------------------------------------
+
+
+def validate(config: IngestConfig) -> None:
+    if config.format not in LAYOUTS:
+        raise UserError(f"--format {config.format!r} unknown; choose from {', '.join(LAYOUTS)}")
+    if config.small_patches not in SMALL_POLICIES:
+        raise UserError(f"--small-patches must be one of {', '.join(SMALL_POLICIES)}")
+    if config.balance not in BALANCE_POLICIES:
+        raise UserError(f"--balance must be one of {', '.join(BALANCE_POLICIES)}")
+    if not 0 <= config.gan_fraction < 1:
+        raise UserError("--gan-fraction must be in [0, 1): the classification pool needs images")
+    if not 0 < config.test_fraction < 1:
+        raise UserError("--test-fraction must be in (0, 1)")
+    if config.shard_size < 1 or config.min_shards < 1 or config.workers < 1:
+        raise UserError("--shard-size, --min-shards and --workers must be at least 1")
+    if config.max_per_class is not None and config.max_per_class < 1:
+        raise UserError("--max-per-class must be at least 1")
+    if config.overwrite and config.resume:
+        raise UserError("--overwrite and --resume contradict each other: pick one")
+    src = Path(config.src)
+    if not src.is_dir():
+        raise UserError(f"source folder {src} does not exist or is not a folder")
+
+
+def bad_input_message(src: Path, bad: list[Problem], small: list[Checked], config) -> str:
+    lines = []
+    if bad:
+        lines.append(f"{len(bad)} bad input file(s) in {src}:")
+        for p in bad[:MAX_LISTED]:
+            lines.append(f"  {p.reason:<16} {src / p.path}  ({p.detail})")
+        if len(bad) > MAX_LISTED:
+            lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
+        lines.append(
+            "Fix or remove these files, or rerun with --skip-bad to skip them "
+            "(each skipped file and its reason is recorded in manifest.json)."
+        )
+    if small:
+        size = config.patch_size
+        lines.append(f"{len(small)} patch(es) smaller than {size}x{size} (slide borders):")
+        for c in small[:MAX_LISTED]:
+            lines.append(f"  small            {src / c.record.path}  ({c.detail})")
+        if len(small) > MAX_LISTED:
+            lines.append(f"  ... and {len(small) - MAX_LISTED} more")
+        lines.append(
+            "Choose a policy: --small-patches pad (pad with white to full size) "
+            "or --small-patches drop (leave them out; counted in manifest.json)."
+        )
+    return "\n".join(lines)
+
+
+def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
+    """The whole ingest. Returns the final manifest (also written to OUT/manifest.json)."""
+    started = time.perf_counter()
+    validate(config)
+    layout = LAYOUTS[config.format]
+    if config.patch_size is None:
+        config.patch_size = layout.default_patch_size
+    src, out = Path(config.src), Path(config.out)
+    mode = check_output(out, config)
+
+    # Scan names and folders, then read every image's pixels.
+    try:
+        scan: Scan = layout.scan(src, config.patient_regex)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if not scan.records and not scan.problems:
+        raise UserError(
+            f"no images found in {src}; expected the {layout.name} layout: {layout.description}"
+        )
+    checked = check_records(src, scan.records, config.patch_size, config.workers, progress)
+
+    # Sort out bad input: stop with the list, or skip and count when asked.
+    bad = list(scan.problems) + [
+        Problem(c.record.path, c.reason, c.detail)
+        for c in checked
+        if c.reason not in (None, "small")
+    ]
+    small = [c for c in checked if c.reason == "small"]
+    stop_bad = bad and not config.skip_bad
+    stop_small = small and config.small_patches == "error"
+    if stop_bad or stop_small:
+        raise UserError(
+            bad_input_message(src, bad if stop_bad else [], small if stop_small else [], config)
+        )
+    usable = [c for c in checked if c.reason is None or config.small_patches == "pad"]
+    dropped_small = len(small) if config.small_patches == "drop" else 0
+    for label, name in enumerate(scan.class_names):
+        if not any(c.record.label == label for c in usable):
+            raise UserError(
+                f"class {name!r} has no usable images in {src}: every class needs images "
+                f"(found {len(usable)} usable images of the other classes)"
+            )
+
+    # Plan: per-class cap, patient split, balancing, shards.
+    by_path = {c.record.path: c for c in usable}
+    records = cap_per_class([c.record for c in usable], config.max_per_class, config.seed)
+    fractions = pool_fractions(config)
+    patients = split_patients(records, fractions, config.seed)
+    keys = sample_keys(records)
+    demo = (src / DEMO_MARKER).is_file()
+    pools: dict[str, Any] = {}
+    plan: list[tuple[str, str, list[Record]]] = []  # (pool, shard name, records)
+    dropped_balance = 0
+    for pool, members in patients.items():
+        if not members:
+            raise UserError(
+                f"pool {pool!r} got no patients ({len({r.patient for r in records})} patients "
+                f"for {len(fractions)} pools): use more patients or change the fractions"
+            )
+        member_set = set(members)
+        pool_records = [r for r in records if r.patient in member_set]
+        if config.balance == "undersample":
+            before = len(pool_records)
+            pool_records = undersample(pool_records, config.seed, pool)
+            dropped_balance += before - len(pool_records)
+        random.Random(f"order-{config.seed}-{pool}").shuffle(pool_records)
+        counts = Counter(str(r.label) for r in pool_records)
+        missing = [n for c, n in enumerate(scan.class_names) if not counts[str(c)]]
+        if missing:
+            raise UserError(
+                f"pool {pool!r} ({len(members)} patients) has no images of class "
+                f"{', '.join(missing)}: too few patients with that class; try another --seed "
+                "or other fractions"
+            )
+        names = []
+        start = 0
+        for i, n in enumerate(shard_sizes(len(pool_records), config.shard_size, config.min_shards)):
+            name = f"{pool}-{i:06d}.tar"
+            plan.append((pool, name, pool_records[start : start + n]))
+            names.append(name)
+            start += n
+        pools[pool] = {
+            "fraction": round(fractions[pool], 6),
+            "patients": members,
+            "images": len(pool_records),
+            "counts": dict(sorted(counts.items())),
+            "shards": names,
+        }
+
+    reasons = Counter(p.reason for p in bad)
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA,
+        "status": "incomplete",
+        "created_by": f"synthbreast {__version__}",
+        "config": to_dict(config),
+        "source": {
+            "path": str(src.resolve()),
+            "format": layout.name,
+            "demo": demo,
+            "real": not demo,
+            "class_names": scan.class_names,
+            "patient_level": scan.patient_level,
+        },
+        "sample": {"keys": ["__key__", "png", "cls", "json"], "image_size": config.patch_size},
+        "pools": pools,
+        "shards": [],
+        "skipped": {
+            "counts": dict(sorted(reasons.items())),
+            "files": [asdict(p) for p in bad],
+        },
+        "small_patches": {
+            "policy": config.small_patches,
+            "count": len(small),
+            "files": [c.record.path for c in small],
+        },
+        "dropped": {
+            "small": dropped_small,
+            "max_per_class": len(usable) - len(records),
+            "balance": dropped_balance,
+        },
+        "ignored_files": scan.ignored,
+        "totals": {
+            "files_seen": len(scan.records) + len(scan.problems),
+            "images": sum(p["images"] for p in pools.values()),
+        },
+    }
+
+    # Write: config first, then each shard atomically; the manifest grows as shards land.
+    done = {}
+    if mode == "resume":
+        previous = load_manifest(out)
+        if not _same_job(previous["config"], manifest["config"]):
+            raise UserError(
+                f"{out} holds an ingest with a different config; --resume continues only the "
+                "same job (use --overwrite to start again)"
+            )
+        done = {s["name"]: s for s in previous["shards"] if _shard_intact(out, s)}
+    elif mode == "overwrite":
+        clear_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / CONFIG)
+    save_manifest(out, manifest)
+    task = (
+        progress.add_task("writing shards", total=sum(len(rs) for _, _, rs in plan))
+        if progress
+        else None
+    )
+    for pool, name, shard_records in plan:
+        if name in done:
+            entry = done[name]
+        else:
+            samples = (
+                make_sample(src, by_path[r.path], keys[r.path], pool, config.patch_size, demo)
+                for r in shard_records
+            )
+            entry = {"pool": pool, **write_shard_file(out / name, samples)}
+        manifest["shards"].append({"name": entry["name"], "pool": pool, **_entry_fields(entry)})
+        save_manifest(out, manifest)
+        if progress:
+            progress.advance(task, len(shard_records))
+
+    manifest["status"] = "complete"
+    manifest["seconds"] = round(time.perf_counter() - started, 2)
+    manifest["resumed_shards"] = len(done)
+    save_manifest(out, manifest)
+    return manifest
+
+
+def _entry_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("count", "counts", "sha256", "bytes")}
+
+
+def _shard_intact(out: Path, entry: dict[str, Any]) -> bool:
+    path = out / entry["name"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]

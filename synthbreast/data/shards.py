@@ -1,0 +1,192 @@
+"""The shard format every stage shares: schema, atomic writer, manifest, verification.
+
+A shard is a plain tar file of samples, read with webdataset. A sample is
+`<key>.png` (the image bytes as they were), `<key>.cls` (the class as ASCII digits) and
+`<key>.json` (patient, x, y, original path, ...). `manifest.json` beside the shards lists every
+shard with its pool, sample counts and sha256. The reader is `synthbreast.data.reader`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from synthbreast.errors import UserError
+from synthbreast.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, temp_name
+
+MANIFEST = "manifest.json"
+SCHEMA = "synthbreast-shards/1"
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "tif", "tiff", "bmp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample as written: the image bytes, their extension, the class and metadata."""
+
+    key: str
+    image: bytes
+    label: int
+    meta: dict[str, Any]
+    ext: str = "png"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (no mtime, owner or mode from the machine) so equal samples give equal
+    # bytes: a shard can be rebuilt bit for bit and its checksum compared.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, samples: Iterable[Sample]) -> dict[str, Any]:
+    """Write samples to `path` atomically (temp name, fsync, rename); return its manifest entry."""
+    path = Path(path)
+    tmp = temp_name(path)
+    count, counts = 0, {}
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for sample in samples:
+                    if "." in sample.key:
+                        raise ValueError(f"sample key {sample.key!r} must not contain '.'")
+                    _add_member(tar, f"{sample.key}.{sample.ext}", sample.image)
+                    _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
+                    meta = json.dumps(sample.meta, sort_keys=True).encode()
+                    _add_member(tar, f"{sample.key}.json", meta)
+                    count += 1
+                    counts[str(sample.label)] = counts.get(str(sample.label), 0) + 1
+            f.flush()
+            os.fsync(f.fileno())
+        sha = sha256_file(tmp)
+        size = tmp.stat().st_size
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "name": path.name,
+        "count": count,
+        "counts": dict(sorted(counts.items())),
+        "sha256": sha,
+        "bytes": size,
+    }
+
+
+# --- the manifest ----------------------------------------------------------------------
+
+
+def load_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise UserError(f"{root} does not exist or is not a folder of shards")
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found: {root} is not a synthbreast shard folder "
+            "(make one with `synthbreast ingest SRC OUT`)"
+        )
+    try:
+        manifest = read_json(path)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path} is not valid JSON ({err}); rerun the ingest with --overwrite"
+        ) from err
+    if manifest.get("schema") != SCHEMA:
+        raise UserError(f"{path} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}")
+    return manifest
+
+
+def save_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(Path(root) / MANIFEST, manifest)
+
+
+def pool_names(manifest: dict[str, Any]) -> list[str]:
+    return list(manifest["pools"])
+
+
+def pool_shards(root: Path, manifest: dict[str, Any], pool: str) -> list[Path]:
+    """The shard paths of one pool, in manifest order; a clear error for an unknown/empty pool."""
+    if pool not in manifest["pools"]:
+        known = ", ".join(manifest["pools"]) or "none"
+        raise UserError(f"{root} has no pool {pool!r} (pools: {known})")
+    names = [s["name"] for s in manifest["shards"] if s["pool"] == pool]
+    if not names:
+        raise UserError(f"pool {pool!r} in {root} has no shards: was the ingest complete?")
+    return [Path(root) / name for name in names]
+
+
+def pool_count(manifest: dict[str, Any], pool: str, classes: Iterable[int] | None = None) -> int:
+    """Samples in a pool (optionally only some classes), from the manifest alone."""
+    wanted = None if classes is None else {str(c) for c in classes}
+    total = 0
+    for shard in manifest["shards"]:
+        if shard["pool"] == pool:
+            total += sum(n for c, n in shard["counts"].items() if wanted is None or c in wanted)
+    return total
+
+
+def verify_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems found comparing the shard files with the manifest (empty list = all verified)."""
+    root = Path(root)
+    problems = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for shard in manifest["shards"]:
+        path = root / shard["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        elif sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+    for path in sorted(root.glob("*.tar")):
+        if path.name not in listed:
+            problems.append(f"{path}: not in the manifest")
+    if manifest.get("status") != "complete":
+        problems.append(f"{root / MANIFEST}: status is {manifest.get('status')!r}, not 'complete'")
+    return problems
+
+
+def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as dicts {'__key__', 'png', 'cls', 'json'} of raw bytes.
+
+    The same grouping as webdataset (consecutive members sharing a key), without importing
+    torch: for verification and counting. Training reads through `synthbreast.data.reader`.
+    """
+    sample: dict[str, Any] = {}
+    with tarfile.open(path, mode="r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"sample {sample.get('__key__')} has no image member")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Image bytes -> an RGB PIL image (grey or RGBA sources become RGB)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")

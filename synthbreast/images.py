@@ -1,0 +1,49 @@
+"""Image grids: the one picture format every stage writes (inspect, GAN snapshots, reports)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from synthbreast.fileio import atomic_write_bytes
+
+
+def make_grid(
+    images: Sequence[np.ndarray | Image.Image],
+    columns: int | None = None,
+    pad: int = 2,
+    title: str | None = None,
+    scale: int = 1,
+) -> Image.Image:
+    """Tile HxWx3 uint8 images (or PIL images) into one RGB image, white gaps between them."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    tiles = [img if isinstance(img, Image.Image) else Image.fromarray(img) for img in images]
+    tiles = [t.convert("RGB") for t in tiles]
+    if scale != 1:
+        tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
+    width = max(t.width for t in tiles)
+    height = max(t.height for t in tiles)
+    columns = columns or math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    top = 14 if title else 0
+    grid = Image.new(
+        "RGB", (columns * (width + pad) + pad, rows * (height + pad) + pad + top), "white"
+    )
+    for i, tile in enumerate(tiles):
+        row, col = divmod(i, columns)
+        grid.paste(tile, (pad + col * (width + pad), top + pad + row * (height + pad)))
+    if title:
+        ImageDraw.Draw(grid).text((pad, 1), title, fill=(0, 0, 0))
+    return grid
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
