@@ -1,4 +1,4 @@
-"""One dataclass per job. Each is saved as `config.json` beside the job's outputs before any work."""
+"""One dataclass per job, saved as `config.json` beside the job's outputs before any work."""
 
 from __future__ import annotations
 

@@ -23,13 +23,13 @@ from PIL import Image, UnidentifiedImageError
 
 from synthbreast import __version__
 from synthbreast.config import IngestConfig, save_config, to_dict
+from synthbreast.data.demo import DEMO_MARKER
 from synthbreast.data.layouts import LAYOUTS, Problem, Record, Scan
 from synthbreast.data.shards import MANIFEST, SCHEMA, Sample, load_manifest, save_manifest
 from synthbreast.data.shards import write_shard as write_shard_file
 from synthbreast.errors import UserError
 from synthbreast.fileio import sha256_file
 
-DEMO_MARKER = "synthbreast-demo.json"  # written by `synthbreast demo-data` at the top level
 CONFIG = "config.json"
 PAD_COLOUR = (255, 255, 255)  # slide background: border patches are padded with white glass
 SMALL_POLICIES = ("error", "pad", "drop")
@@ -483,6 +483,8 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
                 "same job (use --overwrite to start again)"
             )
         done = {s["name"]: s for s in previous["shards"] if _shard_intact(out, s)}
+        for stale in out.glob(".*.tmp-*"):  # half-written shards of the interrupted run
+            stale.unlink()
     elif mode == "overwrite":
         clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -494,16 +496,19 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         else None
     )
     for pool, name, shard_records in plan:
+
+        def record(entry: dict[str, Any], pool: str = pool) -> None:
+            manifest["shards"].append({"name": entry["name"], "pool": pool, **_fields(entry)})
+            save_manifest(out, manifest)
+
         if name in done:
-            entry = done[name]
+            record(done[name])
         else:
             samples = (
                 make_sample(src, by_path[r.path], keys[r.path], pool, config.patch_size, demo)
                 for r in shard_records
             )
-            entry = {"pool": pool, **write_shard_file(out / name, samples)}
-        manifest["shards"].append({"name": entry["name"], "pool": pool, **_entry_fields(entry)})
-        save_manifest(out, manifest)
+            write_shard_file(out / name, samples, before_rename=record)
         if progress:
             progress.advance(task, len(shard_records))
 
@@ -514,7 +519,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
     return manifest
 
 
-def _entry_fields(entry: dict[str, Any]) -> dict[str, Any]:
+def _fields(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in ("count", "counts", "sha256", "bytes")}
 
 

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,17 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: Path, samples: Iterable[Sample]) -> dict[str, Any]:
-    """Write samples to `path` atomically (temp name, fsync, rename); return its manifest entry."""
+def write_shard(
+    path: Path,
+    samples: Iterable[Sample],
+    before_rename: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Write samples to `path` atomically (temp name, fsync, rename); return its manifest entry.
+
+    `before_rename(entry)` runs once the temp file is whole and hashed but before it takes
+    its final name: record the entry in the manifest there, so that any shard under its final
+    name is already listed with its checksum, whenever the process dies.
+    """
     path = Path(path)
     tmp = temp_name(path)
     count, counts = 0, {}
@@ -70,19 +79,20 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> dict[str, Any]:
                     counts[str(sample.label)] = counts.get(str(sample.label), 0) + 1
             f.flush()
             os.fsync(f.fileno())
-        sha = sha256_file(tmp)
-        size = tmp.stat().st_size
+        entry = {
+            "name": path.name,
+            "count": count,
+            "counts": dict(sorted(counts.items())),
+            "sha256": sha256_file(tmp),
+            "bytes": tmp.stat().st_size,
+        }
+        if before_rename is not None:
+            before_rename(entry)
         tmp.replace(path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return {
-        "name": path.name,
-        "count": count,
-        "counts": dict(sorted(counts.items())),
-        "sha256": sha,
-        "bytes": size,
-    }
+    return entry
 
 
 # --- the manifest ----------------------------------------------------------------------
