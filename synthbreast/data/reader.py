@@ -13,12 +13,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from synthbreast.data.shards import decode_image, image_bytes, load_manifest, pool_shards
+from synthbreast.data.shards import (
+    decode_image,
+    image_bytes,
+    iter_shard,
+    load_manifest,
+    pool_shards,
+)
 
 
 def to_uint8_tensor(img: Image.Image):
     """PIL RGB -> uint8 tensor [3, H, W] (the reader's default transform)."""
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def _buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -71,13 +77,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """Reshuffle the shard order for a new epoch (call before iterating, on every rank)."""
         self.epoch = epoch
 
+    def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        """Raw samples of these shards; a shard that fails to read goes to the handler
+        (webdataset's convention: return True to go on with the next shard, or raise)."""
+        for url in urls:
+            try:
+                yield from iter_shard(Path(url))
+            except Exception as err:
+                if self.handler is None or not self.handler(err):
+                    raise
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         urls = list(self.urls)
         if self.shuffle:
             random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
         urls = list(wds.split_by_worker(wds.split_by_node(urls)))
-        handler = self.handler or wds.reraise_exception
-        samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": u} for u in urls]))
+        samples = self._samples(urls)
         if self.classes is not None:
             samples = (s for s in samples if int(s["cls"]) in self.classes)
         if self.shuffle:

@@ -168,23 +168,68 @@ def verify_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as dicts {'__key__', 'png', 'cls', 'json'} of raw bytes.
+def _tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of the regular files in a tar held in memory.
 
-    The same grouping as webdataset (consecutive members sharing a key), without importing
-    torch: for verification and counting. Training reads through `synthbreast.data.reader`.
+    Reads the 512-byte headers directly: `tarfile` spends as long per member as decoding a
+    50x50 PNG takes. Handles ustar names with prefix, pax `path` records and GNU long names,
+    which covers what `write_shard` (and webdataset's writer) produce.
     """
+    offset, size_of_data = 0, len(data)
+    long_name: str | None = None
+    while offset + 512 <= size_of_data:
+        header = data[offset : offset + 512]
+        if header.count(0) == 512:
+            return  # end-of-archive marker
+        size_field = header[124:136].rstrip(b"\0 ").decode() or "0"
+        size = int(size_field, 8)
+        kind = header[156:157]
+        if offset + 512 + size > size_of_data:
+            raise ValueError("truncated tar: a member runs past the end of the file")
+        body = data[offset + 512 : offset + 512 + size]
+        offset += 512 + -(-size // 512) * 512
+        if kind == b"x":  # pax extended header: "<len> key=value\n" records
+            for record in body.decode("utf-8").splitlines():
+                key, _, value = record.partition(" ")[2].partition("=")
+                if key == "path":
+                    long_name = value
+            continue
+        if kind == b"L":  # GNU long name
+            long_name = body.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind not in (b"0", b"\0"):
+            long_name = None
+            continue  # directories, links: not samples
+        name = long_name
+        if name is None:
+            name = header[0:100].rstrip(b"\0").decode("utf-8")
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8")
+            if prefix:
+                name = f"{prefix}/{name}"
+        long_name = None
+        yield name, body
+    raise ValueError("truncated tar: no end-of-archive marker")
+
+
+def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as dicts {'__key__', 'png', 'cls', 'json', '__url__'} of bytes.
+
+    Members are grouped as webdataset groups them: consecutive files sharing a key, the key
+    being the name up to the first dot of its last path component.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
     sample: dict[str, Any] = {}
-    with tarfile.open(path, mode="r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
+    for name, content in _tar_members(data):
+        folder, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        key = f"{folder}/{stem}" if folder else stem
+        if sample and key != sample["__key__"]:
+            yield sample
+            sample = {}
+        sample["__key__"] = key
+        sample["__url__"] = str(path)
+        sample[ext] = content
     if sample:
         yield sample
 
@@ -198,5 +243,7 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
 
 def decode_image(data: bytes) -> Image.Image:
     """Image bytes -> an RGB PIL image (grey or RGBA sources become RGB)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    # convert() copies even when the mode is already right: skip it for RGB (the usual case)
+    return img if img.mode == "RGB" else img.convert("RGB")
