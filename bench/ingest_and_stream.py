@@ -83,9 +83,7 @@ def main() -> None:
     # 3. Streaming the shards vs 4. one PNG file per sample, same workers and batch.
     names = [s["name"] for s in load_manifest(shards)["shards"]]
     stream = ShardDataset([shards / name for name in names], shuffle=True, seed=0)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=args.batch, num_workers=args.workers
-    )
+    loader = torch.utils.data.DataLoader(stream, batch_size=args.batch, num_workers=args.workers)
     folder = torch.utils.data.DataLoader(
         PngFolder(files), batch_size=args.batch, num_workers=args.workers, shuffle=True
     )
