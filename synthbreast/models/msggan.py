@@ -1,0 +1,301 @@
+"""MSG-GAN (Karnewar & Wang, CVPR 2020): a generator that emits an image at every scale and a
+discriminator that reads all of them, so gradients reach every generator block at once.
+
+Layout follows the synthbreast paper's Tables 1 and 2 (64x64x3, 5 blocks, 512 channels at
+4..32 px and 256 at 64 px) with the official code's equalised learning rate, pixel norm and
+LeakyReLU(0.2). Two deliberate changes keep every convolution's channel count a multiple of 16,
+because oneDNN on the CPU runs misaligned widths much slower (see MSGGAN-NOTES.md):
+
+- the image of each lower scale enters the discriminator through a 1x1 `from_rgb` with
+  `rgb_channels` (16) outputs, concatenated with the features coming down (the paper's
+  phi_simple concatenates the 3 raw channels, which would give 515-channel convolutions);
+- minibatch standard deviation runs once, in the 4x4 block, and its single statistic channel
+  takes one of the 16 slots of that block's `from_rgb` (15 + 1), so that block stays aligned.
+
+Models here are pure: nn.Modules and their config, no files, no prints, no devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LRELU_SLOPE = 0.2
+RELU_GAIN = math.sqrt(2.0)  # He gain for layers followed by LeakyReLU
+LINEAR_GAIN = 1.0  # to_rgb and the discriminator's score are linear (as in ProGAN)
+
+
+@dataclass
+class MSGGANConfig:
+    """Everything that shapes a generator/discriminator pair; stored in checkpoints as JSON."""
+
+    resolution: int = 64  # output side in pixels; a power of two >= 8
+    latent_dim: int = 512
+    fmap_base: int = 16384  # channels(res) = min(fmap_base // res, fmap_max) * width
+    fmap_max: int = 512
+    width: float = 1.0  # 1.0 = the paper; < 1 for narrow CPU models
+    fmap_min: int = 16  # floor after scaling by width
+    align: int = 16  # channel counts are rounded to a multiple of this (oneDNN speed)
+    rgb_channels: int = 16  # from_rgb width of each lower scale in the discriminator
+    mbstd_group: int = 4  # minibatch standard deviation group size
+
+    def __post_init__(self) -> None:
+        res = self.resolution
+        if res < 8 or res & (res - 1):
+            raise ValueError(f"resolution must be a power of two >= 8, got {res}")
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if self.rgb_channels < 2:
+            raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
+
+    def channels(self, res: int) -> int:
+        """Feature channels at side `res`: StyleGAN's rule, scaled by width, aligned, floored."""
+        base = min(self.fmap_base // res, self.fmap_max) * self.width
+        aligned = round(base / self.align) * self.align
+        return max(aligned, self.fmap_min, self.align)
+
+    def scales(self) -> list[int]:
+        """Image sides from 4 to resolution, ascending: the order of G's outputs and D's input."""
+        return [2**k for k in range(2, int(math.log2(self.resolution)) + 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MSGGANConfig:
+        """Rebuild from `to_dict()` output; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown MSGGANConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Equalised-learning-rate layers: weights drawn N(0, 1) and scaled by the He constant at every
+# call, so that Adam/RMSprop see all layers at the same scale (ProGAN section 4.1).
+# --------------------------------------------------------------------------------------------
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv2d with runtime He scaling; 'same' padding for odd kernels, none for even ones."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, gain: float = RELU_GAIN, padding: int = -1
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.scale = gain / math.sqrt(in_ch * kernel * kernel)
+        self.padding = kernel // 2 if padding < 0 else padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        out_ch, in_ch, k, _ = self.weight.shape
+        return f"{in_ch}, {out_ch}, kernel={k}, padding={self.padding}"
+
+
+class EqualizedLinear(nn.Module):
+    """Linear layer with runtime He scaling."""
+
+    def __init__(self, in_features: int, out_features: int, gain: float = RELU_GAIN) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.scale = gain / math.sqrt(in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Normalise each pixel's feature vector to unit RMS (ProGAN); keeps G's signals bounded."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+
+
+def lrelu(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, LRELU_SLOPE)
+
+
+def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
+    """Append one channel: the mean over C, H, W of each group's per-feature std.
+
+    Groups are contiguous runs of samples, so D([real; fake]) scores exactly as D(real) and
+    D(fake) separately whenever the batch is a multiple of the group. A batch that is not a
+    multiple uses the largest common divisor. Statistics are taken in fp32 (under autocast the
+    features may be bf16, and a variance of near-equal values loses everything in 8 bits).
+    """
+    n, _, h, w = x.shape
+    group = math.gcd(group_size, n)
+    y = x.float().reshape(n // group, group, -1)
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # one value per group
+    stat = std.to(x.dtype).repeat_interleave(group).reshape(n, 1, 1, 1).expand(n, 1, h, w)
+    return torch.cat([x, stat], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------
+
+
+class GeneratorInput(nn.Module):
+    """Latent -> 4x4 features: pixel norm, dense to C x 4 x 4 (a 4x4 transposed conv from a
+    1x1 latent), then a 3x3 conv; LeakyReLU and pixel norm after each."""
+
+    def __init__(self, latent_dim: int, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        # gain / 4 per output pixel, as ProGAN's dense-to-4x4 layer (gain=sqrt(2)/4 over 16 pixels)
+        self.dense = EqualizedLinear(latent_dim, channels * 16, gain=RELU_GAIN / 4)
+        self.conv = EqualizedConv2d(channels, channels, 3)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.dense(pixel_norm(z)).reshape(-1, self.channels, 4, 4)
+        x = pixel_norm(lrelu(x))
+        return pixel_norm(lrelu(self.conv(x)))
+
+
+class GeneratorBlock(nn.Module):
+    """Nearest-neighbour upsample x2, then two 3x3 convs with LeakyReLU and pixel norm."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = EqualizedConv2d(in_ch, out_ch, 3)
+        self.conv2 = EqualizedConv2d(out_ch, out_ch, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = pixel_norm(lrelu(self.conv1(x)))
+        return pixel_norm(lrelu(self.conv2(x)))
+
+
+class Generator(nn.Module):
+    """z (N, latent_dim) -> [image at 4x4, 8x8, ..., resolution], each (N, 3, s, s), linear."""
+
+    def __init__(self, config: MSGGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        scales = config.scales()
+        self.input = GeneratorInput(config.latent_dim, config.channels(4))
+        self.blocks = nn.ModuleList(
+            GeneratorBlock(config.channels(s // 2), config.channels(s)) for s in scales[1:]
+        )
+        self.to_rgb = nn.ModuleList(
+            EqualizedConv2d(config.channels(s), 3, 1, gain=LINEAR_GAIN) for s in scales
+        )
+
+    def forward(self, z: Tensor) -> list[Tensor]:
+        x = self.input(z)
+        images = [self.to_rgb[0](x)]
+        for block, to_rgb in zip(self.blocks, self.to_rgb[1:], strict=True):
+            x = block(x)
+            images.append(to_rgb(x))
+        return images
+
+
+# --------------------------------------------------------------------------------------------
+# Discriminator
+# --------------------------------------------------------------------------------------------
+
+
+class DiscriminatorBlock(nn.Module):
+    """Two 3x3 convs with LeakyReLU, then 2x average pooling (the paper's block, mirrored)."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = EqualizedConv2d(in_ch, mid_ch, 3)
+        self.conv2 = EqualizedConv2d(mid_ch, out_ch, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = lrelu(self.conv1(x))
+        x = lrelu(self.conv2(x))
+        return F.avg_pool2d(x, 2)
+
+
+class DiscriminatorOutput(nn.Module):
+    """The 4x4 block: minibatch std, 3x3 conv, 4x4 conv to C x 1 x 1, linear score."""
+
+    def __init__(self, in_ch: int, channels: int, mbstd_group: int) -> None:
+        super().__init__()
+        self.mbstd_group = mbstd_group
+        self.conv = EqualizedConv2d(in_ch + 1, channels, 3)
+        self.conv4x4 = EqualizedConv2d(channels, channels, 4, padding=0)
+        self.score = EqualizedLinear(channels, 1, gain=LINEAR_GAIN)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = minibatch_stddev(x, self.mbstd_group)
+        x = lrelu(self.conv(x))
+        x = lrelu(self.conv4x4(x)).flatten(1)
+        return self.score(x).squeeze(1)
+
+
+class Discriminator(nn.Module):
+    """[image at 4x4, ..., resolution] -> score (N,). Reads the top scale first and adds each
+    lower scale's image (1x1 from_rgb, concatenated) on the way down to 4x4."""
+
+    def __init__(self, config: MSGGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        scales = config.scales()
+        top, rgb = scales[-1], config.rgb_channels
+        self.from_rgb_top = EqualizedConv2d(3, config.channels(top), 1)
+        # from_rgb of the scales below the top, ascending (4 .. top/2). The 4x4 one is one
+        # channel narrower because minibatch std fills the last of its slots.
+        self.from_rgb = nn.ModuleList(
+            EqualizedConv2d(3, rgb - 1 if s == 4 else rgb, 1) for s in scales[:-1]
+        )
+        # blocks ascending by the side they read (8 .. top); the top one has no image to add
+        self.blocks = nn.ModuleList(
+            DiscriminatorBlock(
+                config.channels(s) + (0 if s == top else rgb),
+                config.channels(s),
+                config.channels(s // 2),
+            )
+            for s in scales[1:]
+        )
+        self.output = DiscriminatorOutput(
+            config.channels(4) + rgb - 1, config.channels(4), config.mbstd_group
+        )
+
+    def forward(self, images: list[Tensor]) -> Tensor:
+        if len(images) != len(self.blocks) + 1:
+            raise ValueError(f"expected {len(self.blocks) + 1} scales, got {len(images)}")
+        x = lrelu(self.from_rgb_top(images[-1]))
+        x = self.blocks[-1](x)
+        # walk down: scale index i has side 4 * 2**i; blocks[i - 1] reads side 4 * 2**i
+        for i in range(len(images) - 2, 0, -1):
+            x = torch.cat([lrelu(self.from_rgb[i](images[i])), x], dim=1)
+            x = self.blocks[i - 1](x)
+        x = torch.cat([lrelu(self.from_rgb[0](images[0])), x], dim=1)
+        return self.output(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def image_pyramid(images: Tensor, scales: list[int]) -> list[Tensor]:
+    """Full-resolution real images -> one average-pooled copy per scale, in the given order.
+
+    Average pooling by the whole factor equals repeated 2x pooling, which is how the generator's
+    lower outputs are meant to relate to its top one.
+    """
+    side = images.shape[-1]
+    out = []
+    for s in scales:
+        if side % s:
+            raise ValueError(f"scale {s} does not divide image side {side}")
+        out.append(images if s == side else F.avg_pool2d(images, side // s))
+    return out
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

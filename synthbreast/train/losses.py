@@ -1,0 +1,105 @@
+"""WGAN-GP losses for a multi-scale discriminator, as in the official MSG-GAN.
+
+The caller owns the two pieces of work these functions must not do:
+- D step: make `fake_scales` with the generator under `torch.no_grad()` (D's loss never
+  reaches G, so recording G's graph only costs time and memory);
+- G step: call `requires_grad(D, False)` first, so D's backward yields only the gradients
+  with respect to its inputs and not its own weight gradients, which the G step throws away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+Scales = Sequence[Tensor]
+ScoreFn = Callable[[list[Tensor]], Tensor]
+
+
+def requires_grad(module: nn.Module, flag: bool) -> None:
+    """Switch gradient recording for all of a module's parameters (freeze D for the G step)."""
+    for param in module.parameters():
+        param.requires_grad_(flag)
+
+
+def interpolate_scales(real_scales: Scales, fake_scales: Scales, alpha: Tensor) -> list[Tensor]:
+    """real + alpha * (fake - real) at every scale, in fp32, as leaves that record gradients.
+
+    `alpha` has shape (N,): one factor per sample, shared by all scales, so that the pyramid
+    being scored is a single point on the line between a real pyramid and a fake one.
+    """
+    mixed = []
+    for real, fake in zip(real_scales, fake_scales, strict=True):
+        a = alpha.reshape(-1, *([1] * (real.dim() - 1)))
+        point = torch.lerp(real.detach().float(), fake.detach().float(), a)
+        mixed.append(point.requires_grad_(True))
+    return mixed
+
+
+def gradient_penalty(
+    D: ScoreFn,
+    real_scales: Scales,
+    fake_scales: Scales,
+    weight: float = 10.0,
+    alpha: Tensor | None = None,
+    full_precision: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """weight * mean_i (||grad_x D(x_i)|| - 1)^2 over interpolated pyramids x_i.
+
+    The norm of sample i is ONE norm over the gradients with respect to all of its scales
+    (the discriminator sees the pyramid as one input). Returns (penalty, per-sample norms).
+
+    With `full_precision` (the default) autocast is switched off here: the D forward and the
+    autograd.grad of the penalty run in fp32 even inside a bf16 autocast region. (||g|| - 1)^2
+    is a small difference of numbers near 1, which bf16's 8-bit mantissa cannot resolve; the
+    test in tests/test_losses.py measures the error both ways.
+    """
+    n = real_scales[0].shape[0]
+    device = real_scales[0].device
+    if alpha is None:
+        alpha = torch.rand(n, device=device)
+    precision = torch.autocast(device.type, enabled=False) if full_precision else nullcontext()
+    with precision:
+        mixed = interpolate_scales(real_scales, fake_scales, alpha)
+        scores = D(mixed)
+        grads = torch.autograd.grad(scores.float().sum(), mixed, create_graph=True)
+        flat = torch.cat([g.float().flatten(1) for g in grads], dim=1)
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        penalty = weight * (norms - 1.0).square().mean()
+    return penalty, norms
+
+
+def discriminator_loss(
+    D: ScoreFn,
+    real_scales: Scales,
+    fake_scales: Scales,
+    gp_weight: float = 10.0,
+    drift: float = 0.001,
+    alpha: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """mean D(fake) - mean D(real) + gradient penalty + drift * mean D(real)^2.
+
+    `fake_scales` must come from the generator run under `torch.no_grad()` (or be detached):
+    the D step updates only D. The drift term (ProGAN) keeps real scores near zero so the
+    Wasserstein estimate cannot wander off.
+    """
+    real_scores = D(list(real_scales)).float()
+    fake_scores = D(list(fake_scales)).float()
+    wasserstein = real_scores.mean() - fake_scores.mean()
+    drift_term = drift * real_scores.square().mean()
+    penalty, norms = gradient_penalty(D, real_scales, fake_scales, gp_weight, alpha=alpha)
+    loss = -wasserstein + penalty + drift_term
+    parts = torch.stack(
+        [loss, real_scores.mean(), fake_scores.mean(), wasserstein, penalty, norms.mean()]
+    ).detach()
+    names = ("d_loss", "d_real", "d_fake", "wasserstein", "gp", "grad_norm")
+    return loss, dict(zip(names, parts.tolist(), strict=True))
+
+
+def generator_loss(D: ScoreFn, fake_scales: Scales) -> tuple[Tensor, dict[str, float]]:
+    """-mean D(fake). Call `requires_grad(D, False)` before it, so D's weights get no grads."""
+    loss = -D(list(fake_scales)).float().mean()
+    return loss, {"g_loss": loss.item()}

@@ -1,0 +1,154 @@
+"""MSG-GAN generator and discriminator: shapes per scale, the paper's widths, config round
+trip, and that each training step does only the work it needs (tiny CPU configs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthbreast.models.msggan import (
+    Discriminator,
+    Generator,
+    MSGGANConfig,
+    image_pyramid,
+    minibatch_stddev,
+    param_count,
+)
+from synthbreast.train.losses import discriminator_loss, generator_loss, requires_grad
+
+# Measured for the paper config (64 px, width 1.0, latent 512); see the bench for timings.
+PAPER_G_PARAMS = 22_498_063
+PAPER_D_PARAMS = 22_780_413
+
+
+def tiny_config(resolution: int = 64, width: float = 1 / 16) -> MSGGANConfig:
+    return MSGGANConfig(resolution=resolution, latent_dim=32, width=width)
+
+
+def tiny_models(config: MSGGANConfig | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    config = config or tiny_config()
+    return config, Generator(config), Discriminator(config)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "width", "batch"), [(64, 1 / 16, 4), (128, 1 / 16, 4), (256, 1 / 32, 2)]
+)
+def test_shapes_per_scale(resolution, width, batch):
+    config, G, D = tiny_models(tiny_config(resolution, width))
+    assert config.scales() == [2**k for k in range(2, resolution.bit_length())]
+    images = G(torch.randn(batch, config.latent_dim))
+    assert [tuple(x.shape) for x in images] == [(batch, 3, s, s) for s in config.scales()]
+    scores = D(images)
+    assert scores.shape == (batch,)
+    assert torch.isfinite(scores).all()
+
+
+def test_paper_config_widths_and_params():
+    config = MSGGANConfig()
+    assert (config.resolution, config.latent_dim, config.width) == (64, 512, 1.0)
+    assert {s: config.channels(s) for s in config.scales()} == {
+        4: 512,
+        8: 512,
+        16: 512,
+        32: 512,
+        64: 256,
+    }
+    g_params, d_params = param_count(Generator(config)), param_count(Discriminator(config))
+    print(f"\nMSG-GAN paper config (64 px, 5 blocks): G {g_params:,} params, D {d_params:,}")
+    assert g_params == pytest.approx(PAPER_G_PARAMS, rel=0.01)
+    assert d_params == pytest.approx(PAPER_D_PARAMS, rel=0.01)
+
+
+def test_every_conv_width_is_aligned():
+    """oneDNN is slow on channel counts that are not multiples of 16 (MSGGAN-NOTES.md)."""
+    for width in (1.0, 0.125, 1 / 16, 0.3):
+        _, G, D = tiny_models(MSGGANConfig(width=width))
+        for module in (G, D):
+            for name, param in module.named_parameters():
+                if param.dim() == 4 and param.shape[-1] == 3:  # every 3x3 conv
+                    out_ch, in_ch = param.shape[:2]
+                    assert in_ch % 16 == 0 and out_ch % 16 == 0, (width, name, param.shape)
+
+
+def test_config_json_round_trip_and_validation():
+    config = MSGGANConfig(resolution=128, width=0.25, latent_dim=64)
+    again = MSGGANConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError):
+        MSGGANConfig(resolution=96)
+    with pytest.raises(ValueError):
+        MSGGANConfig(resolution=4)
+    with pytest.raises(ValueError):
+        MSGGANConfig.from_dict({**config.to_dict(), "depth": 5})
+
+
+def test_image_pyramid_is_repeated_2x_pooling():
+    x = torch.randn(2, 3, 32, 32)
+    pyramid = image_pyramid(x, [4, 8, 16, 32])
+    assert pyramid[-1] is x
+    expected = x
+    for level in reversed(pyramid[:-1]):
+        expected = F.avg_pool2d(expected, 2)
+        torch.testing.assert_close(level, expected)
+
+
+def test_minibatch_stddev_groups_are_contiguous():
+    """D([real; fake]) scores as D(real), D(fake) apart: groups never mix the two halves."""
+    _, G, D = tiny_models()
+    with torch.no_grad():
+        a, b = G(torch.randn(4, 32)), G(torch.randn(4, 32))
+        joint = D([torch.cat(pair) for pair in zip(a, b, strict=True)])
+        torch.testing.assert_close(joint, torch.cat([D(a), D(b)]))
+    # a batch that is not a multiple of the group size still works (groups of gcd)
+    assert minibatch_stddev(torch.randn(6, 16, 4, 4), 4).shape == (6, 17, 4, 4)
+
+
+def test_d_step_leaves_generator_grads_none():
+    config, G, D = tiny_models()
+    real = image_pyramid(torch.randn(4, 3, 64, 64), config.scales())
+    with torch.no_grad():
+        fake = G(torch.randn(4, config.latent_dim))
+    loss, _ = discriminator_loss(D, real, fake)
+    loss.backward()
+    assert all(p.grad is None for p in G.parameters())
+    assert all(p.grad is not None for p in D.parameters())
+
+
+def test_g_step_with_frozen_d_leaves_d_grads_none():
+    config, G, D = tiny_models()
+    requires_grad(D, False)
+    loss, _ = generator_loss(D, G(torch.randn(4, config.latent_dim)))
+    loss.backward()
+    assert all(p.grad is None for p in D.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in G.parameters())
+    requires_grad(D, True)
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_a_few_training_steps_stay_finite():
+    config, G, D = tiny_models()
+    g_opt = torch.optim.RMSprop(G.parameters(), lr=1e-4)
+    d_opt = torch.optim.RMSprop(D.parameters(), lr=1e-4)
+    real = image_pyramid(torch.rand(4, 3, 64, 64) * 2 - 1, config.scales())
+    before = [p.detach().clone() for p in G.parameters()]
+    for _ in range(4):
+        requires_grad(D, True)
+        with torch.no_grad():
+            fake = G(torch.randn(4, config.latent_dim))
+        d_loss, d_stats = discriminator_loss(D, real, fake)
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_opt.step()
+
+        requires_grad(D, False)
+        g_loss, g_stats = generator_loss(D, G(torch.randn(4, config.latent_dim)))
+        g_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_opt.step()
+        values = [*d_stats.values(), *g_stats.values()]
+        assert all(torch.isfinite(torch.tensor(v)) for v in values), (d_stats, g_stats)
+    assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters(), strict=True))
