@@ -5,6 +5,7 @@ Heavy imports (torch, webdataset) happen inside the commands so `--help` stays f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from enum import Enum
@@ -15,7 +16,13 @@ import typer
 from rich.table import Table
 
 from synthbreast import __version__
-from synthbreast.config import DemoDataConfig, IngestConfig, InspectConfig, dumps
+from synthbreast.config import (
+    DemoDataConfig,
+    GenerateConfig,
+    IngestConfig,
+    InspectConfig,
+    dumps,
+)
 from synthbreast.data.layouts import LAYOUTS
 from synthbreast.errors import UserError
 from synthbreast.progress import console, progress_bar
@@ -246,6 +253,148 @@ def inspect(
         console.print(per_patient)
     for name, path in inspection.grids.items():
         console.print(f"grid of class {name}: {path}")
+
+
+Budget = Enum("Budget", {"tiny": "tiny", "small": "small", "paper": "paper"}, type=str)
+Precision = Enum("Precision", {"no": "no", "fp16": "fp16", "bf16": "bf16"}, type=str)
+_Opt = Optional  # typer needs Optional[...] on Python 3.10
+
+
+@app.command("train-gan")
+@user_errors
+def train_gan(
+    shards: Annotated[Path, typer.Argument(help="A folder written by `synthbreast ingest`.")],
+    outdir: Annotated[Path, typer.Option(help="Run folders are numbered inside.")] = Path("runs"),
+    pool: Annotated[str, typer.Option(help="Pool of the shards to train on.")] = "gan",
+    class_label: Annotated[
+        _Opt[int], typer.Option("--class", help="Train on one class (the paper: one GAN each).")
+    ] = None,
+    budget: Annotated[
+        _Opt[Budget],
+        typer.Option(help="Preset: tiny (seconds), small (CPU minutes), paper (GPU)."),
+    ] = None,
+    resolution: Annotated[_Opt[int], typer.Option(help="Output side [64].")] = None,
+    width: Annotated[_Opt[float], typer.Option(help="Channel multiplier [1.0 = paper].")] = None,
+    latent_dim: Annotated[_Opt[int], typer.Option(help="Latent size [512].")] = None,
+    batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
+    lr: Annotated[_Opt[float], typer.Option(help="RMSprop learning rate [1e-4].")] = None,
+    kimg: Annotated[_Opt[float], typer.Option(help="Training length in kimg.")] = None,
+    tick_kimg: Annotated[_Opt[float], typer.Option(help="Progress line every N kimg.")] = None,
+    snapshot_kimg: Annotated[_Opt[float], typer.Option(help="Sample grid every N kimg.")] = None,
+    checkpoint_kimg: Annotated[_Opt[float], typer.Option(help="Checkpoint every N kimg.")] = None,
+    mixed_precision: Annotated[Precision, typer.Option(help="no, fp16 or bf16.")] = "no",
+    seed: Annotated[int, typer.Option(help="Seed of weights, latents and data order.")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 2,
+    resume: Annotated[
+        _Opt[str],
+        typer.Option(help="'auto' (latest run of the same kind in outdir), or a checkpoint/run."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Train MSG-GAN (WGAN-GP, RMSprop) on a pool of the shards, with accelerate.
+
+    One process: `synthbreast train-gan SHARDS`. Several: `accelerate launch -m synthbreast
+    train-gan ...` or `torchrun --nproc_per_node N -m synthbreast train-gan ...`. SIGTERM or
+    SIGUSR1 saves a checkpoint and exits 143; `--resume auto` continues exactly.
+    """
+    from synthbreast.config import TrainGANConfig
+    from synthbreast.train.gan import TrainingInterrupted, apply_budget
+    from synthbreast.train.gan import train_gan as run
+
+    config = TrainGANConfig(
+        shards=str(shards),
+        outdir=str(outdir),
+        pool=pool,
+        class_label=class_label,
+        mixed_precision=Precision(mixed_precision).value,
+        seed=seed,
+        workers=workers,
+        resume=resume,
+    )
+    config = apply_budget(config, Budget(budget).value if budget else None)
+    given = dict(
+        resolution=resolution,
+        width=width,
+        latent_dim=latent_dim,
+        batch_size=batch_size,
+        lr=lr,
+        kimg=kimg,
+        tick_kimg=tick_kimg,
+        snapshot_kimg=snapshot_kimg,
+        checkpoint_kimg=checkpoint_kimg,
+    )
+    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    if dry_run:
+        print(dumps(config))
+        return
+    try:
+        run_dir = run(config, progress_print=print_tick)
+    except TrainingInterrupted as stopped:
+        raise typer.Exit(143) from stopped
+    console.print(f"done: {run_dir}")
+
+
+def print_tick(line: dict | str) -> None:
+    """One line per training tick: 'step 20 kimg 0.160 img/s 6.8 d_loss 1.340 ...'."""
+    if isinstance(line, str):
+        console.print(line, highlight=False)
+        return
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()]
+    console.print("  ".join(parts), highlight=False)
+
+
+@app.command()
+@user_errors
+def generate(
+    checkpoint: Annotated[
+        Path, typer.Option(help="A training run folder (its latest checkpoint) or a ckpt-*.json.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the synthetic shards and manifest.")],
+    shards: Annotated[int, typer.Option(help="Total shards of the whole job.")] = 76,
+    per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
+    class_label: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--class", help="Class label to write [default: the GAN's class]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; shard i uses a seed from (seed, i).")] = 0,
+    shard_range: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="START:END (end exclusive) to make only those shards."),
+    ] = None,
+    output_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Resize to this side, e.g. 50 = real IDC [default: model's]."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per generator call.")] = 100,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Generate synthetic shards (same schema as the real ones) from a trained generator.
+
+    Shards are split over accelerate/torchrun processes, or over Slurm array tasks by
+    SLURM_ARRAY_TASK_ID, or by --shard-range. Complete shards are skipped; partial ones redone.
+    """
+    from synthbreast.generate import run_generate
+
+    config = GenerateConfig(
+        checkpoint=str(checkpoint),
+        out=str(out),
+        shards=shards,
+        per_shard=per_shard,
+        class_label=class_label,
+        seed=seed,
+        shard_range=shard_range,
+        output_size=output_size,
+        batch_size=batch_size,
+    )
+    if dry_run:
+        print(dumps(config))
+        return
+    with progress_bar() as progress:
+        summary = run_generate(config, progress)
+    console.print(
+        f"{summary['made']} shards made, {summary['skipped']} already complete, "
+        f"{summary['images_per_s']:,.1f} img/s -> {out}"
+    )
 
 
 if __name__ == "__main__":

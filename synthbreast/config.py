@@ -68,3 +68,54 @@ class InspectConfig:
     grid_per_class: int = 64
     seed: int = 0
     count: bool = True  # read every shard to count pool/class/patient
+
+
+@dataclass
+class TrainGANConfig:
+    """`synthbreast train-gan`: MSG-GAN with WGAN-GP on one pool (and class) of the shards.
+
+    `batch_size` is the global batch, split evenly over the processes, so one process and
+    N processes train the same arithmetic. Schedules are in kimg (thousands of real images).
+    """
+
+    shards: str
+    outdir: str = "runs"  # run folders are numbered inside: <outdir>/00003-<description>
+    pool: str = "gan"
+    class_label: int | None = None  # None: every class in one model
+    resolution: int = 64
+    latent_dim: int = 512
+    width: float = 1.0  # channel multiplier: 1.0 = the paper; smaller for CPUs
+    batch_size: int = 16
+    lr: float = 1e-4
+    gp_weight: float = 10.0
+    drift: float = 0.001
+    ema_kimg: float = 10.0  # EMA half-life in kimg, as in StyleGAN2-ADA
+    kimg: float = 1000.0  # training length
+    tick_kimg: float = 4.0  # a progress line every tick
+    snapshot_kimg: float = 50.0  # sample grid of fixed latents
+    checkpoint_kimg: float = 50.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    workers: int = 2  # DataLoader workers per process
+    grid_size: int = 64
+    resume: str | None = None  # None, "auto" (latest run of the same description) or a path
+    budget: str | None = None  # tiny | small | paper: the preset this config came from
+
+
+@dataclass
+class GenerateConfig:
+    """`synthbreast generate`: a trained generator -> synthetic shards in the real schema.
+
+    Shard i's latents come from a seed derived from (seed, i) alone, so any shard can be made
+    by any process or array task, bit for bit.
+    """
+
+    checkpoint: str  # a run folder (its latest checkpoint) or one ckpt-*.json
+    out: str
+    shards: int = 76
+    per_shard: int = 1000
+    class_label: int | None = None  # None: the class the GAN was trained on
+    seed: int = 0
+    shard_range: str | None = None  # "START:END", end exclusive; None = all (or Slurm's task)
+    output_size: int | None = None  # None: the model's resolution; e.g. 50 = real patch size
+    batch_size: int = 100

@@ -1,0 +1,144 @@
+"""MSG-GAN training: a real 2-process run, exact interrupt-and-resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from synthbreast.cli import app
+from synthbreast.config import TrainGANConfig
+from synthbreast.errors import UserError
+from synthbreast.train.checkpoint import list_checkpoints, load_checkpoint
+from synthbreast.train.gan import apply_budget, train_gan
+
+# tiny: 32 px, 16 channels, batch 8; 6 steps
+TINY = dict(kimg=0.048, tick_kimg=0.016, snapshot_kimg=0.048, checkpoint_kimg=0.016, workers=0)
+
+
+def tiny_config(shards: Path, outdir: Path, **overrides) -> TrainGANConfig:
+    config = apply_budget(TrainGANConfig(shards=str(shards), outdir=str(outdir)), "tiny")
+    return TrainGANConfig(**{**config.__dict__, **TINY, **overrides})
+
+
+def cli_args(shards: Path, outdir: Path, *extra: str) -> list[str]:
+    args = ["train-gan", str(shards), "--outdir", str(outdir), "--budget", "tiny"]
+    for key, value in TINY.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + list(extra)
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir)["state"]
+
+
+@pytest.mark.distributed
+def test_two_process_training_writes_checkpoint_and_grid(demo_shards, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "synthbreast"]
+    command += cli_args(demo_shards, tmp_path, "--class", "1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = tmp_path.glob("0000*-msggan-gan-class1-32px")
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert stats and all(line["processes"] == 2 for line in stats), "2 ranks did not take part"
+    assert stats[-1]["step"] == 6
+    state = final_state(run_dir)
+    assert state["step"] == 6 and len(state["data"]) == 2  # both ranks' data positions
+    assert (run_dir / "config.json").is_file()
+    assert list((run_dir / "samples").glob("fakes-*.png"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(demo_shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
+    args = cli_args(demo_shards, tmp_path / "a", "--kimg", "0.096", "--class", "0")
+    plain = subprocess.run(
+        [sys.executable, "-m", "synthbreast", *args], capture_output=True, text=True, env=env
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    args_b = cli_args(demo_shards, tmp_path / "b", "--kimg", "0.096", "--class", "0")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synthbreast", *args_b],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "b").glob("*/checkpoints/*.json")):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err.decode()[-3000:]
+    assert "stopped by SIGUSR1" in out.decode() + err.decode()
+    (run_b,) = (tmp_path / "b").iterdir()
+    stopped_at = load_checkpoint(run_b)["step"]
+    assert stopped_at < 12, "the run finished before the signal"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "synthbreast", *args_b, "--resume", "auto"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [run_b.name]  # same run folder
+    (run_a,) = (tmp_path / "a").iterdir()
+    a, b = final_state(run_a), final_state(run_b)
+    assert a["step"] == b["step"] == 12
+    for net in ("G", "D", "G_ema"):
+        for name, tensor in a[net].items():
+            assert torch.equal(tensor, b[net][name]), f"{net}.{name} differs after resume"
+
+
+def test_missing_pool_and_empty_class_are_clear_errors(demo_shards, tmp_path):
+    with pytest.raises(UserError, match="no pool 'nope'"):
+        train_gan(tiny_config(demo_shards, tmp_path, pool="nope"))
+    with pytest.raises(UserError, match="no images of class 7"):
+        train_gan(tiny_config(demo_shards, tmp_path, class_label=7))
+
+
+def test_resume_from_another_model_config_is_refused(demo_shards, tmp_path):
+    train_gan(tiny_config(demo_shards, tmp_path, kimg=0.016))
+    with pytest.raises(UserError, match="different model config"):
+        train_gan(tiny_config(demo_shards, tmp_path, kimg=0.032, width=1.0, resume="auto"))
+
+
+def test_corrupt_checkpoint_on_resume_is_a_clear_error(demo_shards, tmp_path):
+    run_dir = train_gan(tiny_config(demo_shards, tmp_path, kimg=0.016))
+    (latest,) = list_checkpoints(run_dir)[-1:]
+    tensors = latest.with_suffix(".safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(UserError, match="checksum"):
+        train_gan(tiny_config(demo_shards, tmp_path, kimg=0.032, resume="auto"))
+
+
+def test_bf16_mixed_precision_trains(demo_shards, tmp_path):
+    # its own process: accelerate's precision is fixed once per process
+    args = cli_args(demo_shards, tmp_path, "--kimg", "0.016", "--mixed-precision", "bf16")
+    done = subprocess.run([sys.executable, "-m", "synthbreast", *args], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(line["d_loss"])) for line in stats)
+    assert json.loads((run_dir / "config.json").read_text())["mixed_precision"] == "bf16"
+
+
+def test_cli_dry_run_applies_budget_then_flags(tmp_path):
+    result = CliRunner().invoke(
+        app, ["train-gan", str(tmp_path), "--budget", "small", "--kimg", "3", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output)
+    assert config["budget"] == "small" and config["kimg"] == 3.0 and config["width"] == 1 / 16
