@@ -337,10 +337,10 @@ def train_gan(
 def print_tick(line: dict | str) -> None:
     """One line per training tick: 'step 20 kimg 0.160 img/s 6.8 d_loss 1.340 ...'."""
     if isinstance(line, str):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
         return
     parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()]
-    console.print("  ".join(parts), highlight=False)
+    console.print("  ".join(parts), highlight=False, soft_wrap=True)
 
 
 @app.command()
