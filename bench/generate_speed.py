@@ -1,0 +1,159 @@
+"""Time `synthbreast generate` end to end (G_ema forward, PNG encoding, shard writing) at 1 and
+at 2 processes (torchrun), on a random-init checkpoint made in a temporary folder.
+
+Prints images/s per setting (default: 1 process with torch's default threads, 1 process with
+1 thread, 2 processes): the generation phase (after torch import and checkpoint load) and
+the whole wall time including process start. Also checks that the shards made by 1 process
+(torch's default threads) and by 2 (torchrun sets 1 thread each) have the same bytes.
+
+    python bench/generate_speed.py                              # width 0.125, 64 px, CPU demo
+    python bench/generate_speed.py --width 1 --shards 4 --per-shard 200   # the paper's G
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from synthbreast.config import GenerateConfig
+from synthbreast.data.shards import load_manifest, verify_shards
+from synthbreast.generate import run_generate
+from synthbreast.models.msggan import Generator, MSGGANConfig
+from synthbreast.train.checkpoint import save_checkpoint
+
+RESULT = "BENCH-RESULT "  # prefix of each rank's summary line
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=float, default=0.125, help="channel multiplier")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--latent", type=int, default=512)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--output-size", type=int, default=50, help="50 = real IDC patches")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["1", "1:1", "2"],
+        help="P (P processes; torchrun gives each 1 thread) or P:T (OMP_NUM_THREADS=T)",
+    )
+    parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def make_checkpoint(run_dir: Path, args: argparse.Namespace) -> Path:
+    torch.manual_seed(0)
+    model = MSGGANConfig(resolution=args.resolution, latent_dim=args.latent, width=args.width)
+    G = Generator(model)
+    state = {
+        "config": {"class_label": 1, "resolution": args.resolution, "width": args.width},
+        "model": model.to_dict(),
+        "G_ema": G.state_dict(),
+        "kimg": 0.0,
+        "step": 0,
+    }
+    save_checkpoint(run_dir, 0, state)
+    return run_dir
+
+
+def job(args: argparse.Namespace, checkpoint: str, out: str) -> GenerateConfig:
+    return GenerateConfig(
+        checkpoint=checkpoint,
+        out=out,
+        shards=args.shards,
+        per_shard=args.per_shard,
+        batch_size=args.batch_size,
+        output_size=args.output_size,
+    )
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: make its shards, print its summary as one JSON line."""
+    summary = run_generate(job(args, *args.worker))
+    summary["threads"] = torch.get_num_threads()
+    print(RESULT + json.dumps(summary), flush=True)
+
+
+def launch(args: argparse.Namespace, setting: str, checkpoint: Path, out: Path) -> dict:
+    processes_text, _, threads = setting.partition(":")
+    processes = int(processes_text)
+    command = [sys.executable]
+    if processes > 1:
+        command += ["-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(processes)]
+    command += [__file__, "--worker", str(checkpoint), str(out)]
+    for name in ("width", "resolution", "latent", "shards", "per_shard", "batch_size"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--output-size", str(args.output_size)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    ranks = [
+        json.loads(line[len(RESULT) :])
+        for line in done.stdout.splitlines()
+        if line.startswith(RESULT)
+    ]
+    images = sum(r["images"] for r in ranks)
+    problems = verify_shards(out, load_manifest(out))
+    return {
+        "processes": len(ranks),
+        "threads_per_process": sorted({r["threads"] for r in ranks}),
+        "images": images,
+        # ranks start together; the slowest one decides when the job is done
+        "generate_img_s": images / max(r["seconds"] for r in ranks),
+        "wall_img_s": images / wall,
+        "wall_s": wall,
+        "verified": not problems,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_checkpoint(Path(tmp) / "run", args)
+        print(
+            f"MSG-GAN G width {args.width}, {args.resolution} px -> {args.output_size} px PNG, "
+            f"{args.shards} shards x {args.per_shard}, batch {args.batch_size}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}"
+        )
+        outs = {}
+        for setting in args.settings:
+            out = Path(tmp) / f"out-{setting.replace(':', 'x')}"
+            r = launch(args, setting, checkpoint, out)
+            outs[setting] = out
+            print(
+                f"{r['processes']} process(es) x {r['threads_per_process']} thread(s): "
+                f"{r['generate_img_s']:8.1f} img/s generating, {r['wall_img_s']:8.1f} img/s "
+                f"with start-up ({r['images']} images in {r['wall_s']:.1f} s), "
+                f"verified={r['verified']}"
+            )
+        names = sorted(p.name for p in next(iter(outs.values())).glob("*.tar"))
+        same = all(
+            (a / n).read_bytes() == (b / n).read_bytes()
+            for n in names
+            for a in outs.values()
+            for b in outs.values()
+        )
+        print(f"shards identical across settings: {same}")
+
+
+if __name__ == "__main__":
+    main()
