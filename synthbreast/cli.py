@@ -103,12 +103,11 @@ def demo_data(
     config = DemoDataConfig(str(out), patients, per_class, seed, overwrite=overwrite)
     with progress_bar() as progress:
         task = progress.add_task("demo patches", total=patients * per_class * 2)
-        summary = write_demo_dataset(config, on_progress=lambda n: progress.advance(task, n))
+        write_demo_dataset(config, on_progress=lambda n: progress.advance(task, n))
     console.print(
         f"wrote {patients * per_class * 2} demo patches of {patients} patients to {out} "
         "[yellow](procedural demo data, not real tissue)[/]"
     )
-    del summary
 
 
 @app.command()

@@ -320,14 +320,19 @@ def validate(config: IngestConfig) -> None:
         raise UserError(f"source folder {src} does not exist or is not a folder")
 
 
+def _listing(rows: list[tuple[str, str, str]]) -> list[str]:
+    """'  reason  path  (detail)' lines, at most MAX_LISTED of them."""
+    lines = [f"  {reason:<16} {path}  ({detail})" for reason, path, detail in rows[:MAX_LISTED]]
+    if len(rows) > MAX_LISTED:
+        lines.append(f"  ... and {len(rows) - MAX_LISTED} more")
+    return lines
+
+
 def bad_input_message(src: Path, bad: list[Problem], small: list[Checked], config) -> str:
     lines = []
     if bad:
         lines.append(f"{len(bad)} bad input file(s) in {src}:")
-        for p in bad[:MAX_LISTED]:
-            lines.append(f"  {p.reason:<16} {src / p.path}  ({p.detail})")
-        if len(bad) > MAX_LISTED:
-            lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
+        lines += _listing([(p.reason, str(src / p.path), p.detail) for p in bad])
         lines.append(
             "Fix or remove these files, or rerun with --skip-bad to skip them "
             "(each skipped file and its reason is recorded in manifest.json)."
@@ -335,10 +340,7 @@ def bad_input_message(src: Path, bad: list[Problem], small: list[Checked], confi
     if small:
         size = config.patch_size
         lines.append(f"{len(small)} patch(es) smaller than {size}x{size} (slide borders):")
-        for c in small[:MAX_LISTED]:
-            lines.append(f"  small            {src / c.record.path}  ({c.detail})")
-        if len(small) > MAX_LISTED:
-            lines.append(f"  ... and {len(small) - MAX_LISTED} more")
+        lines += _listing([("small", str(src / c.record.path), c.detail) for c in small])
         lines.append(
             "Choose a policy: --small-patches pad (pad with white to full size) "
             "or --small-patches drop (leave them out; counted in manifest.json)."
