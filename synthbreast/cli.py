@@ -275,8 +275,15 @@ def train_gan(
     resolution: Annotated[_Opt[int], typer.Option(help="Output side [64].")] = None,
     width: Annotated[_Opt[float], typer.Option(help="Channel multiplier [1.0 = paper].")] = None,
     latent_dim: Annotated[_Opt[int], typer.Option(help="Latent size [512].")] = None,
+    g_padding: Annotated[
+        _Opt[str], typer.Option(help="Generator conv padding: zeros (paper) or reflect.")
+    ] = None,
     batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
-    lr: Annotated[_Opt[float], typer.Option(help="RMSprop learning rate [1e-4].")] = None,
+    optimizer: Annotated[
+        _Opt[str],
+        typer.Option(help="rmsprop (the paper) or adam (betas 0, 0.99, official MSG-GAN)."),
+    ] = None,
+    lr: Annotated[_Opt[float], typer.Option(help="Learning rate [1e-4, the paper].")] = None,
     kimg: Annotated[_Opt[float], typer.Option(help="Training length in kimg.")] = None,
     tick_kimg: Annotated[_Opt[float], typer.Option(help="Progress line every N kimg.")] = None,
     snapshot_kimg: Annotated[_Opt[float], typer.Option(help="Sample grid every N kimg.")] = None,
@@ -315,7 +322,9 @@ def train_gan(
         resolution=resolution,
         width=width,
         latent_dim=latent_dim,
+        g_padding=g_padding,
         batch_size=batch_size,
+        optimizer=optimizer,
         lr=lr,
         kimg=kimg,
         tick_kimg=tick_kimg,

@@ -85,7 +85,9 @@ class TrainGANConfig:
     resolution: int = 64
     latent_dim: int = 512
     width: float = 1.0  # channel multiplier: 1.0 = the paper; smaller for CPUs
+    g_padding: str = "zeros"  # generator conv padding: zeros (the paper) | reflect
     batch_size: int = 16
+    optimizer: str = "rmsprop"  # rmsprop (the paper) | adam (betas 0, 0.99: official MSG-GAN)
     lr: float = 1e-4
     gp_weight: float = 10.0
     drift: float = 0.001

@@ -88,3 +88,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_objects_that_would_need_pickle_are_refused(tmp_path):
     with pytest.raises(TypeError, match="cannot store"):
         save_checkpoint(tmp_path, 1, {"fn": object()})
+
+
+def test_an_outdir_with_one_run_resolves_to_that_run(tmp_path):
+    run = tmp_path / "00000-msggan-gan-class1-64px"
+    save_checkpoint(run, 5, {"w": torch.zeros(1)})
+    (tmp_path / "00001-msggan-gan-class1-64px").mkdir()  # started, no checkpoint yet
+    assert resolve_checkpoint(tmp_path) == run / "checkpoints" / "ckpt-000000005.json"
+    save_checkpoint(tmp_path / "00002-msggan-gan-class0-64px", 1, {"w": torch.zeros(1)})
+    with pytest.raises(UserError, match="several runs"):
+        resolve_checkpoint(tmp_path)

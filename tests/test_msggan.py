@@ -152,3 +152,19 @@ def test_a_few_training_steps_stay_finite():
         values = [*d_stats.values(), *g_stats.values()]
         assert all(torch.isfinite(torch.tensor(v)) for v in values), (d_stats, g_stats)
     assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters(), strict=True))
+
+
+def test_reflect_padding_keeps_shapes_and_parameters_and_changes_the_border():
+    zeros = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16)
+    reflect = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16, g_padding="reflect")
+    torch.manual_seed(0)
+    G0 = Generator(zeros)
+    G1 = Generator(reflect)
+    G1.load_state_dict(G0.state_dict())  # same parameters: padding has none
+    z = torch.randn(2, 32)
+    a, b = G0(z), G1(z)
+    assert [x.shape for x in a] == [x.shape for x in b]
+    # the padding reaches every pixel of the small scales, so compare where it must differ
+    assert not torch.allclose(a[-1][..., 0, :], b[-1][..., 0, :])
+    with pytest.raises(ValueError, match="g_padding"):
+        MSGGANConfig(g_padding="circularish")

@@ -100,6 +100,21 @@ def test_interrupted_run_resumes_to_the_same_weights(demo_shards, tmp_path):
     for net in ("G", "D", "G_ema"):
         for name, tensor in a[net].items():
             assert torch.equal(tensor, b[net][name]), f"{net}.{name} differs after resume"
+    # the resumed run's log has each tick once, with the uninterrupted run's losses
+    ticks_a, ticks_b = (
+        [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+        for run in (run_a, run_b)
+    )
+    steps = [t["step"] for t in ticks_a]
+    assert steps == sorted(set(steps)) and steps[-1] == 12 and len(steps) > 2
+    assert [t["step"] for t in ticks_b] == steps
+    assert [t["d_loss"] for t in ticks_b] == [t["d_loss"] for t in ticks_a]
+
+
+def test_resume_with_another_optimizer_is_refused(demo_shards, tmp_path):
+    train_gan(tiny_config(demo_shards, tmp_path, kimg=0.016, optimizer="rmsprop"))
+    with pytest.raises(UserError, match="--optimizer rmsprop"):
+        train_gan(tiny_config(demo_shards, tmp_path, kimg=0.032, optimizer="adam", resume="auto"))
 
 
 def test_missing_pool_and_empty_class_are_clear_errors(demo_shards, tmp_path):

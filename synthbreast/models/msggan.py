@@ -43,6 +43,9 @@ class MSGGANConfig:
     align: int = 16  # channel counts are rounded to a multiple of this (oneDNN speed)
     rgb_channels: int = 16  # from_rgb width of each lower scale in the discriminator
     mbstd_group: int = 4  # minibatch standard deviation group size
+    # padding of the generator's 3x3 convs: "zeros" (ProGAN, the official MSG-GAN) or
+    # "reflect", which gives G no image border to paint (narrow CPU models drew frames)
+    g_padding: str = "zeros"
 
     def __post_init__(self) -> None:
         res = self.resolution
@@ -50,6 +53,8 @@ class MSGGANConfig:
             raise ValueError(f"resolution must be a power of two >= 8, got {res}")
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
+        if self.g_padding not in ("zeros", "reflect", "replicate"):
+            raise ValueError(f"g_padding must be zeros, reflect or replicate: {self.g_padding}")
         if self.rgb_channels < 2:
             raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
 
@@ -86,15 +91,25 @@ class EqualizedConv2d(nn.Module):
     """Conv2d with runtime He scaling; 'same' padding for odd kernels, none for even ones."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel: int, gain: float = RELU_GAIN, padding: int = -1
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        gain: float = RELU_GAIN,
+        padding: int = -1,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.scale = gain / math.sqrt(in_ch * kernel * kernel)
         self.padding = kernel // 2 if padding < 0 else padding
+        self.padding_mode = padding_mode
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padding and self.padding_mode != "zeros":
+            x = F.pad(x, [self.padding] * 4, mode=self.padding_mode)
+            return F.conv2d(x, self.weight * self.scale, self.bias)
         return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:
@@ -149,12 +164,12 @@ class GeneratorInput(nn.Module):
     """Latent -> 4x4 features: pixel norm, dense to C x 4 x 4 (a 4x4 transposed conv from a
     1x1 latent), then a 3x3 conv; LeakyReLU and pixel norm after each."""
 
-    def __init__(self, latent_dim: int, channels: int) -> None:
+    def __init__(self, latent_dim: int, channels: int, padding_mode: str = "zeros") -> None:
         super().__init__()
         self.channels = channels
         # gain / 4 per output pixel, as ProGAN's dense-to-4x4 layer (gain=sqrt(2)/4 over 16 pixels)
         self.dense = EqualizedLinear(latent_dim, channels * 16, gain=RELU_GAIN / 4)
-        self.conv = EqualizedConv2d(channels, channels, 3)
+        self.conv = EqualizedConv2d(channels, channels, 3, padding_mode=padding_mode)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.dense(pixel_norm(z)).reshape(-1, self.channels, 4, 4)
@@ -165,10 +180,10 @@ class GeneratorInput(nn.Module):
 class GeneratorBlock(nn.Module):
     """Nearest-neighbour upsample x2, then two 3x3 convs with LeakyReLU and pixel norm."""
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.conv1 = EqualizedConv2d(in_ch, out_ch, 3)
-        self.conv2 = EqualizedConv2d(out_ch, out_ch, 3)
+        self.conv1 = EqualizedConv2d(in_ch, out_ch, 3, padding_mode=padding_mode)
+        self.conv2 = EqualizedConv2d(out_ch, out_ch, 3, padding_mode=padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -183,9 +198,10 @@ class Generator(nn.Module):
         super().__init__()
         self.config = config
         scales = config.scales()
-        self.input = GeneratorInput(config.latent_dim, config.channels(4))
+        pad = config.g_padding
+        self.input = GeneratorInput(config.latent_dim, config.channels(4), pad)
         self.blocks = nn.ModuleList(
-            GeneratorBlock(config.channels(s // 2), config.channels(s)) for s in scales[1:]
+            GeneratorBlock(config.channels(s // 2), config.channels(s), pad) for s in scales[1:]
         )
         self.to_rgb = nn.ModuleList(
             EqualizedConv2d(config.channels(s), 3, 1, gain=LINEAR_GAIN) for s in scales

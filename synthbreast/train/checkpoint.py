@@ -105,8 +105,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run folder (its latest checkpoint) or one checkpoint (.json or .safetensors)."""
+    """A run folder (its latest checkpoint), a folder holding one run folder (a train-gan
+    --outdir: what a Slurm chain knows before the run is numbered), or one checkpoint."""
     path = Path(path)
+    if path.is_dir() and not (path / CHECKPOINT_DIR).is_dir():
+        runs = sorted(p for p in path.glob("[0-9][0-9][0-9][0-9][0-9]-*") if list_checkpoints(p))
+        if len(runs) > 1:
+            names = ", ".join(p.name for p in runs)
+            raise UserError(f"{path} holds several runs ({names}): give one run folder")
+        if runs:
+            path = runs[0]
     if path.is_dir():
         found = list_checkpoints(path)
         if not found:
