@@ -12,11 +12,19 @@
 #   SYNTHBREAST_IMAGE an Apptainer image: run inside it (apptainer exec --nv) if set
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to this batch script 120 s before the end
-# (--signal=B:USR1@120). The trap below passes it on as SIGTERM (which srun and the
-# accelerate/torchrun launcher forward to every training process; the launcher would die on
-# a raw SIGUSR1); each process finishes its step, rank 0 writes a checkpoint, and the job
-# requeues itself. The requeued job runs the same command with --resume auto and continues
-# from that checkpoint with the same data order.
+# (--signal=B:USR1@120; by hand: scancel --signal=USR1 --batch JOBID). The trap below has
+# Slurm send SIGTERM to every process of the training step (`scancel --signal=TERM JOBID`
+# spares the batch script). Not `kill -TERM <srun>`: srun answers its own SIGTERM by killing
+# the step with SIGKILL, so nothing would be saved. The torchrun agent behind
+# `accelerate launch` waits for its workers on SIGTERM; a single process runs without a
+# launcher (accelerate's simple launcher would die first and leave it orphaned). Each process
+# finishes its step, rank 0 writes a checkpoint, they exit 143, and the job requeues itself.
+# The requeued job (after Slurm's requeue delay, AuthInfo cred_expire, 2 min by default) runs
+# the same command with --resume auto and continues from that checkpoint with the same data
+# order.
+#
+# CPU-only allocations (--gpus-per-node=0, as the tests' local cluster) train one process per
+# node.
 #SBATCH --job-name=synthbreast-gan
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -26,13 +34,14 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=%x-%A_%a.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 : "${SHARDS:?set SHARDS to a folder written by synthbreast ingest}"
 OUTDIR=${OUTDIR:-runs}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}  # "a100:4" -> "4"
+[[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || GPUS_PER_NODE=1  # no GPUs: one CPU process per node
 NNODES=${SLURM_NNODES:-1}
 # Rendezvous from Slurm: the first node of the allocation, a port derived from the job id.
 MAIN_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
@@ -48,28 +57,35 @@ run() {
 
 class_flag=()
 [[ -n "${CLASS:-}" ]] && class_flag=(--class "$CLASS")
-multi_gpu=""
-[[ $((NNODES * GPUS_PER_NODE)) -gt 1 ]] && multi_gpu="--multi_gpu"
+NPROC=$((NNODES * GPUS_PER_NODE))
+if [[ $NPROC -gt 1 ]]; then
+  launcher="accelerate launch --num_machines $NNODES --machine_rank \$SLURM_NODEID \
+    --num_processes $NPROC --multi_gpu \
+    --main_process_ip $MAIN_ADDR --main_process_port $MAIN_PORT -m synthbreast"
+else
+  launcher="synthbreast"
+fi
 
 got_signal=0
-trap 'got_signal=1; echo "SIGUSR1: checkpointing, then requeue"; kill -TERM "$srun_pid"' USR1
+trap 'got_signal=1; echo "SIGUSR1: checkpointing, then requeue"
+  scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
 
 # One launcher per node (srun), each starting one process per GPU.
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-srun --kill-on-bad-exit=1 bash -c "$(declare -f run); run accelerate launch \
-  --num_machines $NNODES --machine_rank \$SLURM_NODEID \
-  --num_processes $((NNODES * GPUS_PER_NODE)) $multi_gpu \
-  --main_process_ip $MAIN_ADDR --main_process_port $MAIN_PORT \
-  -m synthbreast train-gan '$SHARDS' --outdir '$OUTDIR' ${class_flag[*]} \
-  --resume auto ${EXTRA:-}" &
+srun --kill-on-bad-exit=1 bash -c "$(declare -f run); run $launcher \
+  train-gan '$SHARDS' --outdir '$OUTDIR' ${class_flag[*]} --resume auto ${EXTRA:-}" &
 srun_pid=$!
 
 status=0
 wait "$srun_pid" || status=$?
 if [[ $got_signal -eq 1 ]]; then
-  wait "$srun_pid" || true  # the first wait returned when the signal came: let it checkpoint
-  echo "checkpoint written; requeueing job ${SLURM_JOB_ID}"
-  scontrol requeue "${SLURM_JOB_ID}"
-  exit 0
+  # the first wait returned when the signal came: let the step checkpoint and exit
+  status=0
+  wait "$srun_pid" || status=$?
+  if [[ $status -ne 0 ]]; then
+    echo "checkpoint written; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+  fi
 fi
 exit "$status"

@@ -11,6 +11,7 @@ import pytest
 from synthbreast.config import DemoDataConfig, IngestConfig
 from synthbreast.data.demo import write_demo_dataset
 from synthbreast.data.ingest import run_ingest
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (a local Slurm cluster)
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/real-sample beside the repository (a checkout of the team's workspace), or a path
