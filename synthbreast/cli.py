@@ -405,5 +405,424 @@ def generate(
     )
 
 
+@app.command()
+@user_errors
+def pipeline(
+    out: Annotated[Path, typer.Option(help="Folder for every stage's outputs and the report.")],
+    demo: Annotated[bool, typer.Option(help="Run on the embedded demo data.")] = False,
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A real image folder (IDC layout or --format imagefolder)."),
+    ] = None,
+    format: Annotated[Format, typer.Option(help="Layout of --data.")] = "idc",
+    budget: Annotated[
+        Budget,
+        typer.Option(help="tiny (minutes), small (CPU demo, <15 min), paper (GPU, the paper)."),
+    ] = "small",
+    weights: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
+    ] = None,
+    weights_path: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="ImageNet ResNet weights file (else the torch hub cache)."),
+    ] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip and count bad images at ingest.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes/loader workers.")] = 2,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """The main job: data -> ingest -> MSG-GAN per class -> generate -> the classification
+    scenarios -> fidelity -> report.
+
+    `synthbreast pipeline --demo --out demo-run` runs it all on the embedded demo data. Run it
+    again with the same arguments to continue after an interruption: complete stages are skipped.
+    """
+    from synthbreast.config import PipelineConfig
+    from synthbreast.pipeline import run_pipeline
+
+    config = PipelineConfig(
+        out=str(out),
+        demo=demo,
+        data=str(data) if data else None,
+        format=Format(format).value,
+        budget=Budget(budget).value,
+        weights=weights,
+        weights_path=str(weights_path) if weights_path else None,
+        skip_bad=skip_bad,
+        seed=seed,
+        workers=workers,
+    )
+    if dry_run:
+        print(dumps(config))
+        return
+    with progress_bar() as progress:
+        report = run_pipeline(config, progress, log=print_tick)
+    console.print(f"report: {report}", soft_wrap=True, highlight=False)
+
+
+# --- Slurm -----------------------------------------------------------------------------------
+
+submit_app = typer.Typer(
+    help="Submit stages as Slurm jobs (sbatch on slurm/*.sh); --dry-run prints the commands.",
+    no_args_is_help=True,
+)
+app.add_typer(submit_app, name="submit")
+SbatchArgs = Annotated[
+    str, typer.Option(help="Extra sbatch flags for every job, e.g. '--partition gpu -A proj'.")
+]
+DryRun = Annotated[bool, typer.Option(help="Print the sbatch commands as a script; submit none.")]
+
+
+def _submit(jobs, out: Path, sbatch_args: str, dry_run: bool) -> None:
+    import shlex
+
+    from synthbreast.submit import dry_run_script, submit_jobs
+
+    extra = shlex.split(sbatch_args)
+    if dry_run:
+        print(dry_run_script(jobs, out / "logs", extra), end="")
+        return
+    ids = submit_jobs(jobs, out, extra)
+    for name, job_id in ids.items():
+        console.print(f"{name}: job {job_id}", highlight=False)
+    console.print(f"recorded in {out / 'jobs.jsonl'}; watch with: synthbreast status {out}")
+
+
+@submit_app.command("classify")
+@user_errors
+def submit_classify(
+    real: Annotated[Path, typer.Option(help="Real shards (ingest output).")],
+    synthetic: Annotated[list[Path], typer.Option(help="Synthetic shard folder(s).")],
+    out: Annotated[Path, typer.Option(help="Folder of the scenario runs.")],
+    tasks: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Array indices, e.g. 3 or 0-4 [default: every scenario]."),
+    ] = None,
+    max_parallel: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Run at most this many array tasks at once (sbatch --array=...%P)."),
+    ] = None,
+    extra: Annotated[str, typer.Option(help="More classify flags, e.g. '--epochs 30'.")] = "",
+    sbatch_args: SbatchArgs = "",
+    dry_run: DryRun = False,
+) -> None:
+    """The scenarios as one array job: task k runs `synthbreast classify --task-id k`."""
+    from synthbreast.eval.scenarios import scenario_names
+    from synthbreast.submit import array_range, classify_job
+
+    spec = tasks or array_range(len(scenario_names()), max_parallel)
+    if tasks and max_parallel:
+        spec = f"{tasks}%{max_parallel}"
+    _submit([classify_job(real, synthetic, out, extra, spec, [])], out, sbatch_args, dry_run)
+
+
+@submit_app.command("report")
+@user_errors
+def submit_report(
+    runs: Annotated[Path, typer.Option(help="Folder holding the runs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the report.")],
+    after: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Job id to wait for (afterany: failed scenarios are reported)."),
+    ] = None,
+    sbatch_args: SbatchArgs = "",
+    dry_run: DryRun = False,
+) -> None:
+    """The report as a job, after the scenario array ends (--after JOBID)."""
+    from synthbreast.submit import report_job
+
+    _submit([report_job(runs, out, [after] if after else [])], runs, sbatch_args, dry_run)
+
+
+@submit_app.command("all")
+@user_errors
+def submit_all(
+    out: Annotated[Path, typer.Option(help="Folder for every stage (as `pipeline --out`).")],
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A real image folder (IDC layout)."),
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="Write and use the embedded demo data.")] = False,
+    budget: Annotated[Budget, typer.Option(help="tiny, small or paper, as `pipeline`.")] = "paper",
+    weights: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="Real patch side; synthetic ones match.")] = 50,
+    max_parallel: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="At most this many tasks of each array at once."),
+    ] = None,
+    sbatch_args: SbatchArgs = "",
+    dry_run: DryRun = False,
+) -> None:
+    """The whole chain as dependent jobs: ingest -> GAN per class -> generation arrays ->
+    scenario array -> report. Then: synthbreast status OUT."""
+    from synthbreast.config import PipelineConfig
+    from synthbreast.pipeline import budget_settings
+    from synthbreast.submit import plan_all
+
+    if demo == bool(data):
+        raise UserError("give either --demo or --data FOLDER")
+    config = PipelineConfig(out=str(out), demo=demo, budget=Budget(budget).value, weights=weights)
+    settings = budget_settings(config)
+    out = out.absolute()
+    jobs = plan_all(data and data.absolute(), out, demo, settings, [0, 1], max_parallel, patch_size)
+    _submit(jobs, out, sbatch_args, dry_run)
+
+
+@app.command()
+@user_errors
+def status(
+    out: Annotated[Path, typer.Argument(help="The --out of `synthbreast submit`.")],
+) -> None:
+    """The submitted jobs' states (sacct, else scontrol) and which outputs exist."""
+    from synthbreast.submit import job_states, read_jobs, stage_outputs
+
+    jobs = read_jobs(out)
+    states = job_states([j["job_id"] for j in jobs])
+    table = Table(title=f"jobs of {out}")
+    for column in ("job", "id", "state"):
+        table.add_column(column)
+    for job in jobs:
+        own = {k: v for k, v in states.items() if k.split("_")[0] == job["job_id"]}
+        text = ", ".join(f"{k}:{v}" for k, v in sorted(own.items())) or "unknown (forgotten)"
+        table.add_row(job["name"], job["job_id"], text)
+    console.print(table)
+    outputs = Table(title="outputs")
+    outputs.add_column("output")
+    outputs.add_column("state")
+    for name, state in stage_outputs(out).items():
+        outputs.add_row(name, state)
+    console.print(outputs)
+
+
+@app.command()
+@user_errors
+def report(
+    runs: Annotated[Path, typer.Argument(help="Folder holding the runs (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md, report.html, metrics.csv.")],
+    grid_per_class: Annotated[
+        int, typer.Option(help="Patches per class in each real and synthetic grid.")
+    ] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the patches the grids show.")] = 0,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Collect every classify, GAN, shard and fidelity result under RUNS into one report.
+
+    Writes OUT/report.md (figures linked), a self-contained OUT/report.html (figures embedded)
+    and OUT/metrics.csv (one row per scenario). Missing and failed scenarios are listed.
+    """
+    from synthbreast.config import ReportConfig
+    from synthbreast.report.render import run_report
+
+    config = ReportConfig(runs=str(runs), out=str(out), grid_per_class=grid_per_class, seed=seed)
+    if dry_run:
+        print(dumps(config))
+        return
+    html_path = run_report(config)
+    print(html_path)
+
+
+def _scenario_choices() -> type[Enum]:
+    from synthbreast.eval.scenarios import ALL_SCENARIOS, scenario_names
+
+    names = [*scenario_names(), ALL_SCENARIOS]
+    return Enum("ScenarioName", {name: name for name in names}, type=str)
+
+
+ScenarioName = _scenario_choices()
+
+
+@app.command()
+@user_errors
+def classify(
+    out: Annotated[Path, typer.Option(help="Run folders go to OUT/<scenario>/.")],
+    real: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Real shards: a `synthbreast ingest` folder (pools train and test)."),
+    ] = None,
+    synthetic: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="A `synthbreast generate` folder or a parent of several; repeatable."),
+    ] = None,
+    scenario: Annotated[
+        Optional[ScenarioName],  # noqa: UP045
+        typer.Option(help="The scenario, or all of them in order."),
+    ] = None,
+    task_id: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="The scenario by its index (a Slurm array task), 0 = real-real."),
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="resnet18 (the paper) or resnet50.")] = "resnet18",
+    weights: Annotated[
+        str, typer.Option(help="imagenet (from a file, never downloaded) or none (random).")
+    ] = "imagenet",
+    weights_path: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="torchvision's ImageNet weights file (default: the torch hub cache)."),
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="frozen (only the new fc learns, the paper) or finetune.")
+    ] = "frozen",
+    input_size: Annotated[
+        str, typer.Option(help="Resize to this side (224 = the paper), or native.")
+    ] = "224",
+    epochs: Annotated[int, typer.Option(help="Training epochs (the paper: 150).")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Training batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    synth_ratio: Annotated[
+        float, typer.Option(help="real+synth-real: synthetic images per real one, per class.")
+    ] = 1.0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of init, batch order, synthetic split, bootstrap.")
+    ] = 0,
+    cache: Annotated[
+        bool,
+        typer.Option(help="frozen: compute each image's backbone features once (same result)."),
+    ] = True,
+    feature_cache: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder of cached features (default: OUT/features)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (a GPU if any), cpu, cuda or cuda:N.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Redo a scenario whose metrics.json exists.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Transfer learning in one scenario (or all): ResNet18 from ImageNet, only a new 2-class fc
+    trained, as Aytar & Gündüç (2024). Scenarios (train/test, --task-id order): real-real,
+    synth-synth, real-synth, synth-real, real+synth-real; real test images are of unseen patients.
+
+    Writes OUT/<scenario>/ with config.json, predictions.csv, model.safetensors and metrics.json
+    (accuracy with a patient-bootstrap 95% interval, ROC AUC, confusion). A scenario whose
+    metrics.json exists is skipped. CPU demo: --weights none --input-size native --epochs 30.
+    """
+    from synthbreast.config import ClassifyConfig
+    from synthbreast.eval.classify import run_scenarios, summary_line
+
+    config = ClassifyConfig(
+        out=str(out),
+        real=str(real) if real else None,
+        synthetic=[str(s) for s in synthetic or []],
+        scenario=ScenarioName(scenario).value if scenario else None,
+        task_id=task_id,
+        backbone=backbone,
+        weights=weights,
+        weights_path=str(weights_path) if weights_path else None,
+        mode=mode,
+        input_size=input_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        synth_ratio=synth_ratio,
+        seed=seed,
+        cache_features=cache,
+        feature_cache=str(feature_cache) if feature_cache else None,
+        device=device,
+        force=force,
+    )
+    if dry_run:
+        print(dumps(config))
+        return
+    with progress_bar() as progress:
+        run_dirs = run_scenarios(config, progress, log=print_tick)
+    for run_dir in run_dirs:
+        console.print(summary_line(run_dir), highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def fidelity(
+    real: Annotated[Path, typer.Option(help="Real shards (ingest output: pools gan/train/test).")],
+    synthetic: Annotated[
+        list[Path], typer.Option(help="A generate output folder, or their parent (repeatable).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for fidelity.json, PNGs, cached features.")],
+    extractor: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            help="pixels, classifier or inception (repeatable) [default: pixels, plus "
+            "classifier with --classifier-run, plus inception when its weights are present]."
+        ),
+    ] = None,
+    classifier_run: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A classify run folder (config.json + model.safetensors)."),
+    ] = None,
+    weights_path: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Inception-v3 weights file [default: the torch hub cache's]."),
+    ] = None,
+    real_pool: Annotated[str, typer.Option(help="Real pool compared with synthetic.")] = "test",
+    train_pool: Annotated[str, typer.Option(help="Pool the GAN was trained on.")] = "gan",
+    heldout_pool: Annotated[
+        str, typer.Option(help="Unseen real patients: memorisation's control.")
+    ] = "test",
+    copy_threshold: Annotated[
+        float,
+        typer.Option(help="Copy if nearest-training distance < this x that image's own spacing."),
+    ] = 0.5,
+    nearest_k: Annotated[int, typer.Option(help="k of precision/recall/density/coverage.")] = 5,
+    kid_subsets: Annotated[int, typer.Option(help="KID subsets.")] = 100,
+    kid_subset_size: Annotated[int, typer.Option(help="KID subset size (at most).")] = 1000,
+    tsne: Annotated[bool, typer.Option(help="Also a t-SNE scatter (2,000 points).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per extractor call.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of KID subsets and plot samples.")] = 0,
+    force: Annotated[bool, typer.Option(help="Redo when OUT/fidelity.json exists.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """FID, KID, precision/recall/density/coverage (real test pool vs synthetic, overall and per
+    class) and memorisation (nearest training image vs nearest unseen patient), per extractor.
+
+    Writes OUT/fidelity.json, histograms.png, pca-<extractor>.png and
+    closest-pairs-<extractor>.png; features are cached in OUT/features/.
+    """
+    from synthbreast.config import FidelityConfig
+    from synthbreast.eval.fidelity import run_fidelity
+
+    config = FidelityConfig(
+        real=str(real),
+        synthetic=[str(s) for s in synthetic],
+        out=str(out),
+        extractors=list(extractor or []),
+        real_pool=real_pool,
+        train_pool=train_pool,
+        heldout_pool=heldout_pool,
+        weights_path=str(weights_path) if weights_path else None,
+        classifier_run=str(classifier_run) if classifier_run else None,
+        nearest_k=nearest_k,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        copy_threshold=copy_threshold,
+        tsne=tsne,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        seed=seed,
+        force=force,
+    )
+    if dry_run:
+        print(dumps(config))
+        return
+    with progress_bar() as progress:
+        path = run_fidelity(config, progress, log=print_tick)
+    result = json.loads(path.read_text())
+    table = Table(title=f"{path} (copies: share of synthetic images below --copy-threshold)")
+    keys = ("fid", "kid_mean", "precision", "recall", "density", "coverage")
+    for column in ("", "FID", "KID", "prec", "recall", "dens", "cover", "copies", "control"):
+        table.add_column(column, justify="right" if column else "left")
+    for name, entry in result["extractors"].items():
+        overall, memo = entry["overall"], entry.get("memorisation", {})
+        cells = [overall.get(k) for k in keys]
+        cells += [memo.get("share_below_threshold"), memo.get("control_share_below_threshold")]
+        table.add_row(name, *("-" if v is None else f"{v:.3g}" for v in cells))
+    console.print(table)
+    for name, reason in result["skipped"].items():
+        console.print(f"skipped {name}: {reason}", highlight=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

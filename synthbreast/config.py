@@ -121,3 +121,91 @@ class GenerateConfig:
     shard_range: str | None = None  # "START:END", end exclusive; None = all (or Slurm's task)
     output_size: int | None = None  # None: the model's resolution; e.g. 50 = real patch size
     batch_size: int = 100
+
+
+@dataclass
+class PipelineConfig:
+    """`synthbreast pipeline`: data -> ingest -> GAN per class -> generate -> classify ->
+    fidelity -> report, on one machine; every stage skips what is already complete."""
+
+    out: str
+    demo: bool = False  # the embedded demo data (written to OUT/data)
+    data: str | None = None  # else a real image folder
+    format: str = "idc"
+    small_patches: str = "pad"  # real IDC has border patches under 50 px: pad them with white
+    skip_bad: bool = False
+    budget: str = "small"  # tiny | small | paper (synthbreast/pipeline.py PIPELINE_BUDGETS)
+    weights: str | None = None  # classifier weights: None = the budget's (none, or imagenet)
+    weights_path: str | None = None
+    seed: int = 0
+    workers: int = 2
+
+
+@dataclass
+class ClassifyConfig:
+    """`synthbreast classify`: one transfer-learning scenario (synthbreast/eval/scenarios.py).
+
+    The paper's protocol is the default: ImageNet ResNet18, all frozen but a new 2-class fc,
+    224 px inputs, Adam lr 1e-3, batch 32, 150 epochs. Writes OUT/<scenario>/.
+    """
+
+    out: str  # run folders go to OUT/<scenario>/, cached features to OUT/features/
+    real: str | None = None  # an ingest shard folder (pools gan / train / test)
+    synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
+    scenario: str | None = None  # a scenario name, or "all"
+    task_id: int | None = None  # or the scenario's index (a Slurm array task)
+    backbone: str = "resnet18"  # resnet18 | resnet50
+    weights: str = "imagenet"  # imagenet (file, never downloaded) | none (random init)
+    weights_path: str | None = None  # None: the torch hub cache's torchvision file
+    mode: str = "frozen"  # frozen (only the fc learns; BatchNorm statistics kept) | finetune
+    input_size: str = "224"  # a side in pixels (224 = the paper), or "native"
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 1e-3
+    synth_ratio: float = 1.0  # real+synth-real: synthetic images per real one, per class
+    seed: int = 0  # model init, batch order, synthetic split and bootstrap
+    cache_features: bool = True  # frozen: backbone features computed once per image
+    feature_cache: str | None = None  # None: OUT/features
+    feature_batch_size: int = 128  # images per backbone call when computing features
+    n_boot: int = 1000  # bootstrap resamples of the 95% intervals
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:1 ...
+    force: bool = False  # redo a scenario whose metrics.json exists
+
+
+@dataclass
+class ReportConfig:
+    """`synthbreast report`: every run under RUNS -> report.md, report.html, metrics.csv."""
+
+    runs: str  # searched recursively for classify, GAN, shard and fidelity results
+    out: str
+    grid_per_class: int = 64  # patches per class in each real and synthetic sample grid
+    seed: int = 0  # which patches the grids show
+
+
+@dataclass
+class FidelityConfig:
+    """`synthbreast fidelity`: FID, KID, precision/recall/density/coverage and memorisation of
+    synthetic images against real ones, per feature extractor. Writes OUT/fidelity.json."""
+
+    real: str  # an ingest shard folder (pools gan / train / test)
+    synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
+    out: str = "fidelity"  # fidelity.json, PNGs; cached features in OUT/features/
+    extractors: list[str] = dataclasses.field(default_factory=list)  # [] = pixels (+ inception
+    # when its weights are present, + classifier when classifier_run is given)
+    real_pool: str = "test"  # compared with the synthetic images: unseen patients
+    train_pool: str = "gan"  # what the GAN saw: memorisation's reference
+    heldout_pool: str = "test"  # memorisation's control: patients the GAN never saw
+    weights_path: str | None = None  # Inception-v3 file; None: the torch hub cache's
+    classifier_run: str | None = None  # a classify run folder (config.json, model.safetensors)
+    pixels_side: int = 16  # the pixels extractor's side: 16 x 16 x 3 = 768 features
+    nearest_k: int = 5  # PRDC's k (Naeem et al. 2020)
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # at most; min(this, images of the smaller set)
+    copy_threshold: float = 0.5  # memorisation: distance ratio below which a sample is a copy
+    closest_pairs: int = 16  # rows of the closest-pairs grid
+    tsne: bool = False  # also a t-SNE scatter (scikit-learn) of at most 2,000 points
+    batch_size: int = 64
+    workers: int = 2  # DataLoader workers reading shards
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:1 ...
+    seed: int = 0  # KID subsets, plot subsamples
+    force: bool = False  # redo when OUT/fidelity.json exists

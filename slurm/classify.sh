@@ -1,0 +1,50 @@
+#!/bin/bash
+# The classification scenarios as a Slurm job array: array index k = the k-th scenario of
+# `synthbreast classify --help` (real-real, synth-synth, real-synth, synth-real, real+synth-real).
+#
+#   REAL=/scratch/idc-shards SYNTHETIC=/scratch/synthetic OUT=/scratch/classify \
+#       sbatch --array=0-4 slurm/classify.sh
+#   ... sbatch --array=3 slurm/classify.sh          # rerun one failed scenario
+#
+# `synthbreast submit classify` writes this command line for you (--dry-run prints it).
+# A scenario whose metrics.json exists is skipped, so resubmitting the whole array only redoes
+# the missing or failed tasks. A failed task leaves OUT/<scenario>/failed.json for the report.
+#
+# Variables:
+#   REAL               real shards (`synthbreast ingest` output)                   (required)
+#   SYNTHETIC          synthetic shard folders, space-separated (generate outputs or their
+#                      parent folder)                                              (required)
+#   OUT                folder of the scenario run folders                           (required)
+#   EXTRA              more classify flags, e.g. "--weights none --epochs 30"
+#   SYNTHBREAST_IMAGE  an Apptainer image to run in; unset: the installed `synthbreast`
+#
+# No --signal/--requeue here: a scenario is minutes to an hour on a GPU with cached features,
+# and a killed one is simply rerun (its cached backbone features are kept).
+#SBATCH --job-name=synthbreast-classify
+#SBATCH --array=0-4
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=32G
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%A_%a.out
+
+set -euo pipefail
+
+: "${REAL:?set REAL to the real shards folder}"
+: "${SYNTHETIC:?set SYNTHETIC to the synthetic shards folder(s)}"
+: "${OUT:?set OUT to the folder for the scenario runs}"
+: "${SLURM_ARRAY_TASK_ID:?submit as an array job: sbatch --array=0-4 slurm/classify.sh}"
+
+args=(classify --real "$REAL" --out "$OUT" --task-id "$SLURM_ARRAY_TASK_ID")
+for folder in $SYNTHETIC; do
+    args+=(--synthetic "$folder")
+done
+# shellcheck disable=SC2206  # EXTRA is a list of flags
+args+=(${EXTRA:-})
+
+echo "scenario task ${SLURM_ARRAY_TASK_ID} of array ${SLURM_ARRAY_JOB_ID:-none} on $(hostname)"
+if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then
+    exec apptainer exec --nv "$SYNTHBREAST_IMAGE" synthbreast "${args[@]}"
+else
+    exec synthbreast "${args[@]}"
+fi

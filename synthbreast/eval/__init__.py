@@ -1,0 +1,1 @@
+"""Judging synthetic data: classification scenarios, metrics, fidelity."""

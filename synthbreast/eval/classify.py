@@ -1,0 +1,666 @@
+"""`synthbreast classify`: train and test a transfer-learning classifier in one scenario.
+
+Stages: resolve the scenario (name or array index) -> skip it when its metrics.json exists ->
+write config.json -> plan the data from the manifests (synthbreast.eval.scenarios) -> build the
+ResNet (ImageNet weights from a file, or random) -> read the images, or their cached backbone
+features -> train (Adam, cross-entropy, seeded batch order) -> predict the test set -> write
+predictions.csv, model.safetensors and, last, metrics.json. On an error failed.json says why.
+
+Two training paths with the same arithmetic:
+- plain: every step runs the images through the ResNet (finetune mode, or `--no-cache`).
+- cached (frozen mode, the default): a frozen backbone in eval mode is a fixed function, so
+  each image's pooled features are computed once and the fc trains on them for every epoch.
+  This is the same math as the plain loop (the same fc init, the same batches in the same
+  order; tests/test_classify.py checks they agree to 1e-5) at the cost of one forward pass per
+  image instead of one per image per epoch (bench/classify_speed.py). There is no random
+  augmentation in the paper's protocol; augmentation would make features differ per epoch.
+  Features are stored per shard under OUT/features/<backbone>-<weights digest>-<size>/
+  <shard sha256>.safetensors, so the scenarios sharing images share their features.
+
+Images are held in memory as uint8 at their stored size (7.5 kB per 50x50 patch: 400 MB for the
+paper's 53,200 training images) and resized per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from synthbreast import __version__
+from synthbreast.config import ClassifyConfig, save_config, to_dict
+from synthbreast.data.shards import decode_image, image_bytes, iter_shard
+from synthbreast.errors import UserError
+from synthbreast.eval.metrics import classification_metrics, predict
+from synthbreast.eval.scenarios import (
+    ALL_SCENARIOS,
+    DataPlan,
+    ScenarioPlan,
+    ShardRef,
+    keep_mask,
+    plan_scenario,
+    resolve_scenario,
+    scenario_names,
+)
+from synthbreast.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from synthbreast.models.classifier import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODES,
+    WEIGHTS,
+    backbone_digest,
+    backbone_features,
+    backbone_spec,
+    build_classifier,
+    imagenet_weights_path,
+    load_imagenet_state,
+    set_trainable,
+    train_mode,
+)
+
+CONFIG, METRICS, PREDICTIONS, MODEL, FAILED = (
+    "config.json",
+    "metrics.json",
+    "predictions.csv",
+    "model.safetensors",
+    "failed.json",
+)
+METRICS_SCHEMA = "synthbreast-classify-metrics/1"
+FEATURES = "features"
+# Bump when the preprocessing changes, so old cached features are not reused.
+PREPROCESS_VERSION = "bilinear-antialias-imagenet-norm-1"
+# Config fields that do not change a run's result: a rerun differing only in them is the same.
+_RUN_ONLY_FIELDS = ("force", "device", "feature_cache", "feature_batch_size")
+
+Log = Callable[[str], None]
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def parse_input_size(value: str | int) -> int | None:
+    """'224' -> 224; 'native' -> None (the images' own size)."""
+    text = str(value).strip().lower()
+    if text == "native":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        raise UserError(
+            f"--input-size {value!r}: give a side in pixels (224) or 'native'"
+        ) from None
+    if size < 32:
+        raise UserError(f"--input-size {size} is too small for a ResNet (use at least 32)")
+    return size
+
+
+def validate(config: ClassifyConfig) -> None:
+    backbone_spec(config.backbone)
+    if config.weights not in WEIGHTS:
+        raise UserError(f"--weights {config.weights!r} unknown; choose from {', '.join(WEIGHTS)}")
+    if config.mode not in MODES:
+        raise UserError(f"--mode {config.mode!r} unknown; choose from {', '.join(MODES)}")
+    parse_input_size(config.input_size)
+    for name in ("epochs", "batch_size", "feature_batch_size", "n_boot"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.lr <= 0:
+        raise UserError(f"--lr {config.lr} must be positive")
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here (use --device cpu or auto)")
+    return device
+
+
+def uses_cache(config: ClassifyConfig) -> bool:
+    return config.mode == "frozen" and config.cache_features
+
+
+# --- reading samples -------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Samples in reading order; `x` holds uint8 images [N, 3, H, W] or features [N, D]."""
+
+    keys: list[str]
+    labels: torch.Tensor  # int64 [N]
+    patients: list[str]  # "" for synthetic images
+    x: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, keep: list[bool]) -> Samples:
+        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long)
+        return Samples(
+            [self.keys[i] for i in index.tolist()],
+            self.labels[index],
+            [self.patients[i] for i in index.tolist()],
+            self.x[index],
+        )
+
+    @staticmethod
+    def concat(parts: list[Samples]) -> Samples:
+        return Samples(
+            [k for p in parts for k in p.keys],
+            torch.cat([p.labels for p in parts]),
+            [q for p in parts for q in p.patients],
+            torch.cat([p.x for p in parts]),
+        )
+
+    def counts(self) -> dict[str, int]:
+        values, counts = torch.unique(self.labels, return_counts=True)
+        return {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist(), strict=True)}
+
+
+def read_shard(ref: ShardRef, kind: str) -> Samples:
+    """Decode one shard (checked against its manifest sha256) into uint8 images."""
+    if not ref.path.is_file():
+        raise UserError(f"{ref.path} is missing (listed in {ref.manifest}); rerun its stage")
+    if sha256_file(ref.path) != ref.sha256:
+        raise UserError(
+            f"{ref.path} differs from its sha256 in {ref.manifest}: the shard changed or is "
+            f"damaged; check it with `synthbreast inspect {ref.path.parent}`"
+        )
+    keys, labels, patients, images = [], [], [], []
+    for sample in iter_shard(ref.path):
+        meta = json.loads(sample["json"])
+        keys.append(sample["__key__"])
+        labels.append(int(sample["cls"]))
+        patients.append(str(meta.get("patient", "")) if kind == "real" else "")
+        images.append(np.asarray(decode_image(image_bytes(sample))))
+    sizes = {a.shape for a in images}
+    if len(sizes) > 1:
+        raise UserError(f"{ref.path} holds images of several sizes {sorted(sizes)}")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return Samples(keys, torch.tensor(labels, dtype=torch.long), patients, x)
+
+
+def load_plan(plan: DataPlan, seed: int, load_shard: Callable[[ShardRef, str], Samples]) -> Samples:
+    """Every part's shards read by `load_shard`, then the part's selection applied."""
+    chosen = []
+    for part in plan.parts:
+        loaded = [load_shard(ref, part.kind) for ref in part.shards]
+        samples = Samples.concat(loaded)
+        shas = [ref.sha256 for ref, s in zip(part.shards, loaded, strict=True) for _ in s.keys]
+        chosen.append(
+            samples.select(keep_mask(part, shas, samples.keys, samples.labels.tolist(), seed))
+        )
+    return Samples.concat(chosen)
+
+
+def preprocess(images: torch.Tensor, size: int | None, device: torch.device) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float, resized to size x size (bilinear, antialiased when
+    shrinking), normalised with ImageNet's mean and std. Resize and normalisation commute."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --- cached features -------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """Backbone features per shard, on disk: computed once, shared by every scenario and rerun.
+
+    One folder per (backbone, weights digest, input size, preprocessing), one safetensors file
+    per shard named by the shard's sha256, written atomically. The weights digest hashes the
+    backbone's actual tensors, so random-init backbones of different seeds do not collide.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        model: nn.Module,
+        backbone: str,
+        size: int | None,
+        device: torch.device,
+        batch_size: int,
+        progress=None,
+        log: Log | None = None,
+    ):
+        digest = backbone_digest(model)
+        size_tag = f"{size}px" if size else "native"
+        self.dir = Path(root) / f"{backbone}-{digest[:16]}-{size_tag}"
+        self.fingerprint = {
+            "backbone": backbone,
+            "backbone_sha256": digest,
+            "input_size": size,
+            "preprocess": PREPROCESS_VERSION,
+        }
+        self.model, self.size, self.device, self.batch_size = model, size, device, batch_size
+        self.progress, self.log = progress, log
+        self.task = None
+        self.computed = self.reused = 0
+
+    def plan(self, plans: list[DataPlan]) -> None:
+        """Say how much is to compute, and start a progress bar for it."""
+        refs = {r.sha256: r for p in plans for part in p.parts for r in part.shards}
+        todo = [r for sha, r in refs.items() if not self._path(sha).is_file()]
+        if self.log:
+            self.log(
+                f"features: {len(refs) - len(todo)} shards cached in {self.dir}, "
+                f"{len(todo)} to compute"
+            )
+        if self.progress is not None and todo:
+            total = sum(r.count for r in todo)
+            self.task = self.progress.add_task("backbone features", total=total)
+
+    def _path(self, sha256: str) -> Path:
+        return self.dir / f"{sha256}.safetensors"
+
+    def __call__(self, ref: ShardRef, kind: str) -> Samples:
+        path = self._path(ref.sha256)
+        if path.is_file():
+            cached = self._read(path, ref, kind)
+            if cached is not None:
+                self.reused += 1
+                return cached
+        samples = read_shard(ref, kind)
+        features = self.compute(samples.x)
+        self._write(path, ref, samples, features)
+        self.computed += 1
+        return Samples(samples.keys, samples.labels, samples.patients, features)
+
+    @torch.no_grad()
+    def compute(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of uint8 images, in batches, backbone in eval mode."""
+        self.model.eval()
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = preprocess(images[start : start + self.batch_size], self.size, self.device)
+            out.append(backbone_features(self.model, batch).float().cpu())
+            if self.task is not None:
+                self.progress.advance(self.task, len(batch))
+        return torch.cat(out)
+
+    def _write(self, path: Path, ref: ShardRef, samples: Samples, features: torch.Tensor) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "fingerprint.json").is_file():
+            atomic_write_json(self.dir / "fingerprint.json", self.fingerprint)
+        metadata = {
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "shard": str(ref.path),
+            "shard_sha256": ref.sha256,
+            "keys": json.dumps(samples.keys),
+            "patients": json.dumps(samples.patients),
+            "created_by": f"synthbreast {__version__}",
+        }
+        tensors = {"features": features.contiguous(), "labels": samples.labels.contiguous()}
+        atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
+
+    def _read(self, path: Path, ref: ShardRef, kind: str) -> Samples | None:
+        """The cached features, or None when the file is damaged or not of this fingerprint."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata()
+                features, labels = f.get_tensor("features"), f.get_tensor("labels")
+            same = json.loads(metadata["fingerprint"]) == self.fingerprint
+            keys, patients = json.loads(metadata["keys"]), json.loads(metadata["patients"])
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
+            if self.log:
+                self.log(f"features: recomputing {path.name} ({err})")
+            return None
+        if not same or len(keys) != ref.count or len(features) != ref.count:
+            return None
+        if kind != "real":
+            patients = [""] * len(keys)
+        return Samples(keys, labels, patients, features)
+
+
+# --- training and prediction -----------------------------------------------------------------
+
+
+@contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Run with `count` torch threads (None: leave as is), restoring the number after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    parameters: list[nn.Parameter],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    config: ClassifyConfig,
+    device: torch.device,
+    progress=None,
+) -> list[dict[str, Any]]:
+    """Adam + cross-entropy over `epochs` of seeded random batches. `prepare` turns a batch of
+    `inputs` into what `forward` takes. Both training paths call this same loop."""
+    order_rng = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    labels_on_device = labels.to(device)
+    n = len(labels)
+    task = progress.add_task("training", total=config.epochs * n) if progress is not None else None
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(n, generator=order_rng)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for start in range(0, n, config.batch_size):
+            index = order[start : start + config.batch_size]
+            targets = labels_on_device[index.to(device)]
+            logits = forward(prepare(inputs[index]))
+            loss = loss_fn(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # summed on the device: no host sync per step
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.detach().argmax(1) == targets).sum()
+            if task is not None:
+                progress.advance(task, len(index))
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss_sum.item() / n,
+                "train_accuracy": correct.item() / n,
+            }
+        )
+    return history
+
+
+@torch.no_grad()
+def predict_prob(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> np.ndarray:
+    """P(class 1) for every input, in order."""
+    probs = []
+    for start in range(0, len(inputs), batch_size):
+        logits = forward(prepare(inputs[start : start + batch_size]))
+        probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    return torch.cat(probs).double().numpy()
+
+
+# --- the run folder --------------------------------------------------------------------------
+
+
+def run_dir_of(config: ClassifyConfig, name: str) -> Path:
+    return Path(config.out) / name
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RUN_ONLY_FIELDS}
+
+
+def is_complete(run_dir: Path, config: ClassifyConfig) -> bool:
+    """metrics.json exists and was made by this same job; a different job there is an error."""
+    if not (run_dir / METRICS).is_file():
+        return False
+    try:
+        before = read_json(run_dir / CONFIG)
+    except (OSError, ValueError):
+        return False
+    if comparable(before) != comparable(to_dict(config)):
+        differ = sorted(
+            k
+            for k in comparable(to_dict(config))
+            if comparable(before).get(k) != comparable(to_dict(config)).get(k)
+        )
+        raise UserError(
+            f"{run_dir} holds a finished run of another config (differs in {', '.join(differ)}): "
+            "pass --force to redo it, or use another --out"
+        )
+    return True
+
+
+def write_predictions(path: Path, samples: Samples, prob_1: np.ndarray) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["key", "patient", "label", "prob_1", "pred"])
+    pred = predict(prob_1)
+    for i, key in enumerate(samples.keys):
+        label = int(samples.labels[i])
+        writer.writerow([key, samples.patients[i], label, f"{prob_1[i]:.6f}", int(pred[i])])
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def write_model(path: Path, model: nn.Module, config: ClassifyConfig) -> None:
+    """The whole torchvision state dict: torchvision.models.<backbone>(num_classes=2) loads it."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "backbone": config.backbone,
+        "num_classes": "2",
+        "config": json.dumps(to_dict(config)),
+    }
+    atomic_write_bytes(path, save_safetensors(state, metadata=metadata))
+
+
+def data_record(plan: DataPlan, samples: Samples) -> dict[str, Any]:
+    record = {"images": len(samples), "counts": samples.counts(), "manifests": plan.manifests()}
+    if plan.patient_level:
+        record["patients"] = len(set(samples.patients))
+    return record
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) -> Path:
+    """Run one scenario into OUT/<scenario>/; returns that folder (skipped when complete)."""
+    validate(config)
+    scenario, task_id = resolve_scenario(config.scenario, config.task_id)
+    # name and index both recorded, so --task-id 0 and --scenario real-real are the same job
+    config = dataclasses.replace(config, scenario=scenario.name, task_id=task_id)
+    run_dir = run_dir_of(config, scenario.name)
+    if not config.force and is_complete(run_dir, config):
+        if log:
+            log(f"{scenario.name}: complete, skipped ({run_dir / METRICS}; --force redoes it)")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG)
+    try:
+        _run(config, run_dir, progress, log)
+    except Exception as err:
+        atomic_write_json(
+            run_dir / FAILED,
+            {
+                "scenario": scenario.name,
+                "task_id": task_id,
+                "error": f"{type(err).__name__}: {err}",
+                "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        raise
+    (run_dir / FAILED).unlink(missing_ok=True)
+    return run_dir
+
+
+def _run(config: ClassifyConfig, run_dir: Path, progress, log: Log | None) -> None:
+    started = time.perf_counter()
+    scenario, task_id = resolve_scenario(config.scenario, config.task_id)
+    (run_dir / METRICS).unlink(missing_ok=True)  # a forced rerun: no stale result meanwhile
+    size = parse_input_size(config.input_size)
+    device = choose_device(config.device)
+
+    # Data: which shards and samples, from the manifests.
+    plan = plan_scenario(scenario, task_id, config.real, config.synthetic, config.synth_ratio)
+    image_size = check_sizes(plan)
+
+    # Model: the seed decides the random backbone (weights none) and the new fc.
+    imagenet = None
+    if config.weights == "imagenet":
+        imagenet = load_imagenet_state(config.backbone, config.weights_path)
+    torch.manual_seed(config.seed)
+    model = build_classifier(config.backbone, imagenet).to(device)
+    parameters = set_trainable(model, config.mode)
+
+    # Inputs: cached backbone features (frozen), or uint8 images run through the whole model.
+    cached = uses_cache(config)
+    if cached:
+        cache_root = Path(config.feature_cache or Path(config.out) / FEATURES)
+        cache = FeatureCache(
+            cache_root, model, config.backbone, size, device, config.feature_batch_size,
+            progress, log,
+        )  # fmt: skip
+        cache.plan([plan.train, plan.test])
+        train, test = (load_plan(p, config.seed, cache) for p in (plan.train, plan.test))
+        forward = model.fc
+        train.x, test.x = train.x.to(device), test.x.to(device)
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    else:
+        train, test = (load_plan(p, config.seed, read_shard) for p in (plan.train, plan.test))
+        forward = model
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return preprocess(x, size, device)
+
+    check_classes(train, test)
+
+    # Training. The fc alone on the CPU: one thread, since a 512x2 step is too small to share
+    # (measured 3x faster on the 2-core dev box when other jobs compete for the cores).
+    train_mode(model, config.mode)
+    with threads(1 if cached and device.type == "cpu" else None):
+        history = fit(forward, parameters, train.x, train.labels, prepare, config, device, progress)
+
+    # Test.
+    model.eval()
+    prob_1 = predict_prob(forward, test.x, prepare, config.feature_batch_size)
+    groups = test.patients if plan.test.patient_level else None
+    measured = classification_metrics(
+        test.labels.numpy(), prob_1, groups, n_boot=config.n_boot, seed=config.seed
+    )
+
+    # Outputs; metrics.json last: its presence means the run is complete.
+    write_predictions(run_dir / PREDICTIONS, test, prob_1)
+    write_model(run_dir / MODEL, model, config)
+    metrics = {
+        "schema": METRICS_SCHEMA,
+        "scenario": scenario.name,
+        "task_id": task_id,
+        "paper_accuracy": scenario.paper_accuracy,
+        "train_source": f"{plan.train.description}: {len(train)} images",
+        "test_source": f"{plan.test.description}: {len(test)} images",
+        "data": {"train": data_record(plan.train, train), "test": data_record(plan.test, test)},
+        "model": {
+            "backbone": config.backbone,
+            "weights": config.weights,
+            "weights_file": (
+                str(imagenet_weights_path(config.backbone, config.weights_path))
+                if imagenet is not None
+                else None
+            ),
+            "mode": config.mode,
+            "input_size": size if size is not None else "native",
+            "image_size": image_size,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "cached_features": cached,
+        },
+        **measured,
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+        "created_by": f"synthbreast {__version__}",
+    }
+    if cached:
+        metrics["model"]["feature_cache"] = str(cache.dir)
+        metrics["model"]["feature_shards"] = {"computed": cache.computed, "reused": cache.reused}
+    atomic_write_json(run_dir / METRICS, metrics)
+
+
+def check_sizes(plan: ScenarioPlan) -> int | None:
+    """One stored image size for the whole scenario: a classifier must not be able to tell real
+    from synthetic by size (or by how much it was resized). Returns that size."""
+    sizes = plan.image_sizes()
+    if len(sizes) > 1:
+        listed = "; ".join(f"{s} px: {', '.join(m)}" for s, m in sizes.items())
+        raise UserError(
+            f"the images of scenario {plan.scenario.name} differ in size ({listed}); generate "
+            "at the real patch size (`synthbreast generate --output-size 50`)"
+        )
+    return next(iter(sizes), None)
+
+
+def check_classes(train: Samples, test: Samples) -> None:
+    classes = set(train.labels.tolist())
+    if classes != {0, 1}:
+        raise UserError(
+            f"the training data has only class {sorted(classes)} ({len(train)} images): a "
+            "classifier needs both; give the synthetic folders of both classes (--synthetic "
+            "OUT/synthetic takes every class folder inside)"
+        )
+    if len(test) == 0:
+        raise UserError("the test data is empty: is the real test pool or the synthetic set empty?")
+
+
+def run_scenarios(config: ClassifyConfig, progress=None, log: Log | None = None) -> list[Path]:
+    """`--scenario all`: every scenario in registry order; otherwise the one chosen.
+
+    A scenario that cannot run (UserError, e.g. no synthetic data) does not stop the others;
+    the errors are raised together at the end.
+    """
+    if config.scenario != ALL_SCENARIOS:
+        return [run_classify(config, progress, log)]
+    if config.task_id is not None:
+        raise UserError("--scenario all runs every scenario: leave out --task-id")
+    done, failed = [], []
+    for name in scenario_names():
+        try:
+            done.append(run_classify(dataclasses.replace(config, scenario=name), progress, log))
+        except UserError as err:
+            failed.append(f"{name}: {err}")
+            if log:
+                log(f"{name}: failed: {err}")
+    if failed:
+        raise UserError("scenarios failed (their failed.json says why):\n" + "\n".join(failed))
+    return done
+
+
+def summary_line(run_dir: Path) -> str:
+    """'real-real  accuracy 0.843 [0.812, 0.871]  AUC 0.912 [...]  (paper 0.84)'."""
+    metrics = read_json(Path(run_dir) / METRICS)
+    low, high = metrics["ci95"]["accuracy"]
+    text = f"{metrics['scenario']:<16} accuracy {metrics['accuracy']:.3f} [{low:.3f}, {high:.3f}]"
+    if metrics["roc_auc"] is not None:
+        text += f"  AUC {metrics['roc_auc']:.3f}"
+        if metrics["ci95"]["roc_auc"]:
+            low, high = metrics["ci95"]["roc_auc"]
+            text += f" [{low:.3f}, {high:.3f}]"
+    else:
+        text += "  AUC n/a (one class in test)"
+    if metrics.get("paper_accuracy") is not None:
+        text += f"  (paper {metrics['paper_accuracy']:.2f})"
+    return text + f"  -> {run_dir}"

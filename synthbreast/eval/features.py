@@ -1,0 +1,534 @@
+"""Feature extractors chosen by name, and features of shard sets cached on disk.
+
+Registry (`EXTRACTORS`):
+- `pixels`: the image shrunk to 16 x 16 (PIL box filter: the mean of each cell), RGB flattened,
+  in [0, 1]. Needs no weights; close to the raw images, so best at spotting copies.
+- `classifier`: the avgpool output (the features the fc sees) of a real/real classifier run:
+  a folder with config.json (`backbone`, `input_size`) and model.safetensors (the whole
+  torchvision model with a 2-class fc). Features of histology, learnt from the real data.
+- `inception`: torchvision's Inception-v3 ImageNet weights, pool3 (2048-d), inputs resized to
+  299 (bilinear). Loaded from `--weights-path` or the torch hub cache, never downloaded. These
+  are torchvision's weights, not the TF-ported FID Inception, so values are comparable between
+  runs of this tool, not with published FIDs.
+
+Plus `channels`, used for the histograms: each image's per-channel mean and std (6 numbers).
+
+A source is one pool of one shard folder (a manifest); its features are cached in
+OUT/features/<extractor>-<pool>-<key>.safetensors, the key being the sha256 of the manifest,
+the pool, the extractor and its settings (weights' sha256 included). Written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import nn
+
+from synthbreast.data.reader import ShardDataset
+from synthbreast.data.shards import (
+    MANIFEST,
+    decode_image,
+    image_bytes,
+    iter_shard,
+    load_manifest,
+    pool_count,
+    pool_shards,
+)
+from synthbreast.errors import UserError
+from synthbreast.fileio import atomic_write_bytes, read_json, sha256_file
+from synthbreast.models.classifier import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    backbone_features,
+)
+
+FEATURES_VERSION = 1  # part of every cache key: bump when an extractor's arithmetic changes
+SYNTHETIC_POOL = "synthetic"  # the pool `synthbreast generate` writes
+PIXELS_SIDE = 16
+INCEPTION_SIDE = 299
+INCEPTION_FILE = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+INCEPTION_URL = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url
+
+
+# --- sources: one pool of one shard folder ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    root: Path
+    pool: str
+    manifest_sha256: str
+    shards: tuple[Path, ...]
+    images: int  # from the manifest
+    counts: dict[str, int] = field(compare=False, hash=False)
+    description: str = ""
+
+
+def _source(root: Path, manifest: dict[str, Any], pool: str, description: str) -> Source:
+    shards = tuple(pool_shards(root, manifest, pool))
+    counts: dict[str, int] = {}
+    for shard in manifest["shards"]:
+        if shard["pool"] == pool:
+            for label, n in shard["counts"].items():
+                counts[label] = counts.get(label, 0) + n
+    digest = sha256_file(root / MANIFEST)
+    return Source(root, pool, digest, shards, pool_count(manifest, pool), counts, description)
+
+
+def real_source(real: str | Path, pool: str) -> Source:
+    """A pool of an ingest output folder (gan, train or test)."""
+    root = Path(real)
+    manifest = load_manifest(root)
+    if manifest["source"].get("synthetic"):
+        raise UserError(f"--real {root} holds synthetic shards: give the ingest output folder")
+    if manifest.get("status") != "complete":
+        raise UserError(
+            f"--real {root}: the ingest is not complete (status {manifest.get('status')!r}); "
+            "finish it with `synthbreast ingest SRC DIR --resume`"
+        )
+    patients = len(manifest["pools"].get(pool, {}).get("patients", []))
+    return _source(root, manifest, pool, f"real {pool} pool of {root} ({patients} patients)")
+
+
+def synthetic_folders(dirs: Sequence[str | Path]) -> list[Path]:
+    """Each --synthetic DIR: a generate output folder itself, or the such folders inside it."""
+    if not dirs:
+        raise UserError(
+            "pass --synthetic DIR: a folder made by `synthbreast generate --out DIR`, or a "
+            "parent folder of such folders (one per class)"
+        )
+    found: list[Path] = []
+    for given in map(Path, dirs):
+        if not given.is_dir():
+            raise UserError(f"--synthetic {given}: no such folder (make it with generate)")
+        if (given / MANIFEST).is_file():
+            candidates = [given]
+        else:
+            candidates = sorted(p for p in given.iterdir() if (p / MANIFEST).is_file())
+        if not candidates:
+            raise UserError(
+                f"--synthetic {given}: no manifest.json in it or its subfolders; make one with "
+                "`synthbreast generate --checkpoint RUN --out DIR`"
+            )
+        for folder in candidates:
+            if folder.resolve() not in {f.resolve() for f in found}:
+                found.append(folder)
+    return found
+
+
+def synthetic_sources(dirs: Sequence[str | Path]) -> list[Source]:
+    sources = []
+    for folder in synthetic_folders(dirs):
+        manifest = load_manifest(folder)
+        if not manifest["source"].get("synthetic") or SYNTHETIC_POOL not in manifest["pools"]:
+            raise UserError(
+                f"--synthetic {folder} is not a `synthbreast generate` output (no pool "
+                f"{SYNTHETIC_POOL!r}); real shards go to --real"
+            )
+        if manifest.get("status") != "complete":
+            raise UserError(
+                f"--synthetic {folder}: generation is not complete (status "
+                f"{manifest.get('status')!r}); rerun the same `synthbreast generate` command"
+            )
+        sources.append(_source(folder, manifest, SYNTHETIC_POOL, f"synthetic {folder}"))
+    return sources
+
+
+# --- extractors --------------------------------------------------------------------------------
+
+
+class ToTensor:
+    """PIL image -> uint8 [3, H, W], optionally box-resized first (runs in loader workers)."""
+
+    def __init__(self, side: int | None = None):
+        self.side = side
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.side is not None and image.size != (self.side, self.side):
+            image = image.resize((self.side, self.side), Image.BOX)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class ChannelStatistics:
+    """PIL image -> per-channel mean and std in [0, 1] (6 floats), computed in the workers."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255
+        return torch.from_numpy(np.concatenate([pixels.mean(0), pixels.std(0)])).float()
+
+
+@dataclass
+class Extractor:
+    """A feature extractor: `prepare` turns one PIL image into a tensor (in the DataLoader
+    workers), `network` (or none) turns a batch of them into features; `settings` is what
+    decides the features (the cache key)."""
+
+    name: str
+    dim: int
+    prepare: Callable[[Image.Image], torch.Tensor]
+    settings: dict[str, Any]
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    network: nn.Module | None = None
+
+    def to(self, device: torch.device) -> Extractor:
+        if self.network is not None:
+            self.network.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.embed(batch).float()
+
+
+def pixels_extractor(side: int = PIXELS_SIDE) -> Extractor:
+    return Extractor(
+        "pixels",
+        side * side * 3,
+        ToTensor(side),
+        {"side": side},
+        lambda x: x.float().div(255).flatten(1),
+    )
+
+
+def channels_extractor() -> Extractor:
+    return Extractor("channels", 6, ChannelStatistics(), {}, lambda x: x)
+
+
+def _normalised(x: torch.Tensor, side: int | None, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float, resized to side (bilinear, antialiased when shrinking, as
+    synthbreast.eval.classify.preprocess does), normalised by mean and std."""
+    x = x.float().div(255)
+    if side is not None and x.shape[-2:] != (side, side):
+        x = F.interpolate(
+            x, size=(side, side), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def inception_network(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """torchvision Inception-v3 whose forward gives pool3 (2048-d). Random weights without
+    `state` (for speed measurements only)."""
+    model = torchvision.models.inception_v3(
+        weights=None, aux_logits=True, transform_input=False, init_weights=state is None
+    )
+    if state is not None:
+        model.load_state_dict(state)
+    model.fc = nn.Identity()  # forward now ends at avgpool -> dropout (off in eval) -> flatten
+    return model.eval().requires_grad_(False)
+
+
+def inception_from_network(model: nn.Module, settings: dict[str, Any]) -> Extractor:
+    # The Google weights expect inputs in [-1, 1] (what transform_input=True would make of
+    # ImageNet-normalised ones): mean 0.5 and std 0.5 per channel.
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return model(_normalised(x, INCEPTION_SIDE, (0.5,) * 3, (0.5,) * 3))
+
+    return Extractor("inception", 2048, ToTensor(), settings, embed, model)
+
+
+def inception_weights_path(weights_path: str | Path | None = None) -> Path:
+    """The given file, else torch hub's cache: torch.hub.get_dir()/checkpoints/<file name>."""
+    if weights_path is not None:
+        return Path(weights_path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def missing_inception_weights(weights_path: str | Path | None = None) -> str | None:
+    """Why the inception extractor cannot run (its weights file is absent), or None."""
+    path = inception_weights_path(weights_path)
+    if path.is_file():
+        return None
+    where = "--weights-path" if weights_path is not None else "the torch hub cache"
+    return (
+        f"Inception-v3 weights not found at {path} ({where}); never downloaded. Place "
+        f"torchvision's {INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass "
+        "--weights-path FILE"
+    )
+
+
+def inception_extractor(weights_path: str | Path | None = None) -> Extractor:
+    reason = missing_inception_weights(weights_path)
+    if reason is not None:
+        raise UserError(reason)
+    path = inception_weights_path(weights_path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = inception_network(state)
+    except Exception as err:  # not a zip, not a state dict, wrong keys: all "not this file"
+        raise UserError(
+            f"{path} is not torchvision's Inception-v3 state dict {INCEPTION_FILE} ({err})"
+        ) from err
+    return inception_from_network(model, {"weights_sha256": sha256_file(path)})
+
+
+def classifier_from_model(
+    model: torchvision.models.ResNet, input_size: int | None, settings: dict[str, Any]
+) -> Extractor:
+    model.eval().requires_grad_(False)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return backbone_features(model, _normalised(x, input_size, IMAGENET_MEAN, IMAGENET_STD))
+
+    dim = model.fc.in_features
+    return Extractor("classifier", dim, ToTensor(), settings, embed, model)
+
+
+def classifier_extractor(run: str | Path | None) -> Extractor:
+    """The avgpool features of a classify run's model (config.json + model.safetensors)."""
+    if run is None:
+        raise UserError(
+            "--extractor classifier needs --classifier-run DIR: a classify run folder (e.g. "
+            "OUT/classify/real-real) holding config.json and model.safetensors"
+        )
+    run = Path(run)
+    config_path, weights = run / "config.json", run / "model.safetensors"
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise UserError(
+                f"{path} not found: --classifier-run must be a finished classify run folder "
+                "(`synthbreast classify --scenario real-real` writes one)"
+            )
+    config = read_json(config_path)
+    backbone, input_size = config.get("backbone"), str(config.get("input_size", "native"))
+    if backbone not in BACKBONES:
+        raise UserError(
+            f"{config_path}: backbone {backbone!r} is not one of {', '.join(BACKBONES)}"
+        )
+    if input_size != "native" and not input_size.isdigit():
+        raise UserError(f"{config_path}: input_size {input_size!r} is not 'native' or pixels")
+    model = getattr(torchvision.models, backbone)(num_classes=2)
+    try:
+        model.load_state_dict(load_file(weights))
+    except Exception as err:
+        raise UserError(
+            f"{weights} is not a {backbone} state dict with a 2-class fc ({err})"
+        ) from err
+    side = None if input_size == "native" else int(input_size)
+    settings = {
+        "backbone": backbone,
+        "input_size": input_size,
+        "model_sha256": sha256_file(weights),
+    }
+    return classifier_from_model(model, side, settings)
+
+
+@dataclass(frozen=True)
+class ExtractorOptions:
+    pixels_side: int = PIXELS_SIDE
+    weights_path: str | None = None  # Inception-v3 weights file
+    classifier_run: str | None = None
+
+
+EXTRACTORS: dict[str, Callable[[ExtractorOptions], Extractor]] = {
+    "pixels": lambda o: pixels_extractor(o.pixels_side),
+    "classifier": lambda o: classifier_extractor(o.classifier_run),
+    "inception": lambda o: inception_extractor(o.weights_path),
+}
+
+
+def build_extractor(name: str, options: ExtractorOptions) -> Extractor:
+    if name not in EXTRACTORS:
+        raise UserError(f"--extractor {name!r} unknown; choose from {', '.join(EXTRACTORS)}")
+    return EXTRACTORS[name](options)
+
+
+# --- features of a source, cached -------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    """Features of some images, row i belonging to keys[i] (of source sources[i]) / labels[i]."""
+
+    features: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N] int64
+    keys: list[str]
+    source_index: np.ndarray  # [N] index into `sources`
+    sources: list[Source]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def concatenate(parts: Sequence[Features]) -> Features:
+    sources, indices = [], []
+    for part in parts:
+        indices.append(part.source_index + len(sources))
+        sources.extend(part.sources)
+    return Features(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        [k for p in parts for k in p.keys],
+        np.concatenate(indices),
+        sources,
+    )
+
+
+def cache_key(source: Source, extractor: Extractor) -> str:
+    identity = {
+        "version": FEATURES_VERSION,
+        "manifest_sha256": source.manifest_sha256,
+        "pool": source.pool,
+        "extractor": extractor.name,
+        "settings": extractor.settings,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(cache_dir: Path, source: Source, extractor: Extractor) -> Path:
+    name = f"{extractor.name}-{source.pool}-{cache_key(source, extractor)[:16]}.safetensors"
+    return Path(cache_dir) / name
+
+
+def _read_cache(path: Path, source: Source, key: str) -> Features | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            if metadata.get("key") != key:
+                return None
+            keys = json.loads(metadata["keys"])
+            features, labels = f.get_tensor("features"), f.get_tensor("labels")
+    except Exception:  # a damaged cache file is recomputed, not trusted
+        return None
+    n = len(keys)
+    if features.shape[0] != n or labels.shape[0] != n:
+        return None
+    return Features(
+        features.numpy(),
+        labels.numpy(),
+        keys,
+        np.zeros(n, dtype=np.int64),
+        [source],
+    )
+
+
+def _write_cache(path: Path, features: Features, key: str, extractor: Extractor) -> None:
+    tensors = {
+        "features": torch.from_numpy(np.ascontiguousarray(features.features, dtype=np.float32)),
+        "labels": torch.from_numpy(features.labels.astype(np.int64)),
+    }
+    metadata = {
+        "key": key,
+        "extractor": extractor.name,
+        "settings": json.dumps(extractor.settings, sort_keys=True),
+        "keys": json.dumps(features.keys),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def extract(
+    source: Source,
+    extractor: Extractor,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 2,
+    on_images: Callable[[int], None] | None = None,
+) -> Features:
+    """Features of every image of a source, in the order the loader delivers them."""
+    dataset = ShardDataset(list(source.shards), transform=extractor.prepare)
+    workers = min(workers, len(source.shards))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    extractor.to(device)
+    chunks, labels, keys = [], [], []
+    try:
+        for batch in loader:
+            chunks.append(extractor(batch["image"].to(device, non_blocking=True)).cpu())
+            labels.append(batch["label"])
+            keys.extend(batch["key"])
+            if on_images is not None:
+                on_images(len(batch["key"]))
+    except RuntimeError as err:
+        if "stack expects each tensor to be equal size" in str(err):
+            raise UserError(
+                f"{source.description}: images of different sizes cannot be batched for the "
+                f"{extractor.name} extractor at native size"
+            ) from err
+        raise
+    if len(keys) != source.images:
+        # webdataset splits shards by RANK/WORLD_SIZE when they are set (torchrun): one
+        # process must read them all, or the metrics would be of a part
+        raise UserError(
+            f"{source.description}: read {len(keys)} images, its manifest lists "
+            f"{source.images}; run `synthbreast fidelity` as one process (not under torchrun)"
+        )
+    return Features(
+        torch.cat(chunks).numpy().astype(np.float32),
+        torch.cat(labels).numpy().astype(np.int64),
+        keys,
+        np.zeros(len(keys), dtype=np.int64),
+        [source],
+    )
+
+
+def cached_features(
+    source: Source,
+    extractor: Extractor,
+    cache_dir: Path,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress=None,
+) -> Features:
+    """The source's features from the cache, else extracted and cached."""
+    path = cache_path(cache_dir, source, extractor)
+    key = cache_key(source, extractor)
+    cached = _read_cache(path, source, key)
+    if cached is not None:
+        return cached
+    advance = None
+    if progress is not None:
+        task = progress.add_task(f"{extractor.name}: {source.description}", total=source.images)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
+    features = extract(source, extractor, device, batch_size, workers, advance)
+    _write_cache(path, features, key, extractor)
+    return features
+
+
+# --- images back by key ------------------------------------------------------------------------
+
+
+def load_images(wanted: Sequence[tuple[Source, str]]) -> list[np.ndarray]:
+    """HxWx3 uint8 images of (source, key) pairs, in the order asked; each shard read once."""
+    by_source: dict[Source, set[str]] = {}
+    for source, key in wanted:
+        by_source.setdefault(source, set()).add(key)
+    found: dict[tuple[Source, str], np.ndarray] = {}
+    for source, keys in by_source.items():
+        left = set(keys)
+        for shard in source.shards:
+            if not left:
+                break
+            for sample in iter_shard(shard):
+                if sample["__key__"] in left:
+                    image = decode_image(image_bytes(sample))
+                    found[(source, sample["__key__"])] = np.asarray(image)
+                    left.discard(sample["__key__"])
+        if left:
+            raise UserError(f"{source.description}: images {sorted(left)[:3]} not found again")
+    return [found[(source, key)] for source, key in wanted]

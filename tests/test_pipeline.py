@@ -1,0 +1,59 @@
+"""`synthbreast pipeline --demo --budget tiny`: the whole chain through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from synthbreast.eval.scenarios import scenario_names
+
+STAGES = ["data", "ingest", "train-gan", "generate", "classify", "fidelity", "report"]
+
+
+def run_pipeline(out, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "synthbreast", "pipeline", "--demo", "--budget", "tiny",
+         "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
+    out = tmp_path / "run"
+    done = run_pipeline(out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = out / "report" / "report.html"
+    assert f"report: {report}" in done.stdout + done.stderr
+    record = json.loads((out / "pipeline.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == STAGES
+    for name in scenario_names():
+        metrics = json.loads((out / "classify" / name / "metrics.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert metrics["model"]["weights"] == "none"
+    for label in (0, 1):
+        manifest = json.loads((out / "synthetic" / f"class{label}" / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["job"]["output_size"] == 50
+    fidelity = json.loads((out / "fidelity" / "fidelity.json").read_text())
+    assert {"pixels", "classifier"} <= set(fidelity["extractors"])
+    text = (out / "report" / "report.md").read_text()
+    assert all(name in text for name in scenario_names()) and "DEMO DATA" in text
+
+    # a second run finds every stage complete and redoes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("classify/*/metrics.json")}
+    again = run_pipeline(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = {s["stage"]: s for s in json.loads((out / "pipeline.json").read_text())["stages"]}
+    assert stages["data"]["status"] == stages["ingest"]["status"] == "skipped (complete)"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_pipeline_needs_demo_or_data(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "synthbreast", "pipeline", "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--demo" in done.stderr + done.stdout

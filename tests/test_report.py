@@ -1,0 +1,388 @@
+"""`synthbreast report` on a RUNS folder written by hand: the report reads only files, so the
+files of three successful scenarios, one failed and one missing, a GAN run, real demo shards
+and a synthetic shard are all it needs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from synthbreast.cli import app
+from synthbreast.config import GenerateConfig, TrainGANConfig, to_dict
+from synthbreast.data.shards import Sample, save_manifest, write_shard
+from synthbreast.fileio import atomic_write_json, sha256_file
+from synthbreast.generate import new_manifest, shard_name
+from synthbreast.report.render import NOT_COMPARABLE, SECTIONS
+from synthbreast.report.svg import Series, line_plot, nice_ticks
+
+OK_SCENARIOS = {"real-real": 0.7, "synth-synth": 0.95, "real-synth": 0.6}
+FAILED_SCENARIO, MISSING_SCENARIO = "synth-real", "real+synth-real"
+ERROR = "RuntimeError: out of memory in the test"
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_synthetic(folder: Path, label: int, count: int = 20) -> Path:
+    """A generate-style output: one shard of flat-coloured 50x50 patches and its manifest."""
+    folder.mkdir(parents=True)
+    config = GenerateConfig(checkpoint="gan/run", out=str(folder), shards=1, per_shard=count)
+    job = {"class_label": label, "output_size": 50, "seed": 0, "shards": 1, "per_shard": count}
+    checkpoint = {
+        "sha256": "c" * 64,
+        "path": "gan/run/ckpt.json",
+        "step": 10,
+        "kimg": 0.16,
+        "model": {},
+        "train_config": {},
+        "training_source": {"demo": True},
+    }
+    manifest = new_manifest(config, job, checkpoint)
+    rng = np.random.default_rng(label)
+    samples = [
+        Sample(
+            f"syn-000000-{i:06d}",
+            png(np.full((50, 50, 3), rng.integers(0, 255, 3), np.uint8)),
+            label,
+            {"synthetic": True, "patient": "synthetic"},
+        )
+        for i in range(count)
+    ]
+    entry = write_shard(folder / shard_name(0), samples)
+    manifest["shards"] = [{"pool": "synthetic", **entry}]
+    manifest["status"] = "complete"
+    save_manifest(folder, manifest)
+    return folder
+
+
+def metrics(scenario: str, accuracy: float, manifests: list[dict], weights: str) -> dict:
+    """A metrics.json as notes/contracts.md defines it."""
+    data = {"images": 40, "counts": {"0": 20, "1": 20}, "manifests": manifests}
+    return {
+        "schema": "synthbreast-classify-metrics/1",
+        "scenario": scenario,
+        "task_id": 0,
+        "train_source": f"{scenario.split('-')[0]} train",
+        "test_source": f"{scenario.split('-')[-1]} test",
+        "data": {"train": data, "test": {**data, "images": 30}},
+        "model": {
+            "backbone": "resnet18",
+            "weights": weights,
+            "mode": "frozen",
+            "input_size": "native",
+            "epochs": 3,
+            "batch_size": 32,
+            "lr": 0.001,
+            "cached_features": True,
+        },
+        "accuracy": accuracy,
+        "precision": 0.61,
+        "recall": 0.62,
+        "f1": 0.615,
+        "balanced_accuracy": accuracy - 0.01,
+        "roc_auc": accuracy + 0.05,
+        "roc": {
+            "fpr": [0, 0.1, 0.4, 1],
+            "tpr": [0, accuracy - 0.2, accuracy, 1],
+            "thresholds": [2, 0.9, 0.5, 0],
+        },
+        "confusion": {
+            "labels": [0, 1],
+            "counts": [[12, 3], [5, 10]],
+            "row_percent": [[80.0, 20.0], [33.3, 66.7]],
+        },
+        "ci95": {
+            "method": "patient bootstrap",
+            "n_boot": 1000,
+            "seed": 0,
+            "accuracy": [accuracy - 0.1, accuracy + 0.05],
+            "roc_auc": [0.5, 0.9],
+        },
+        "history": [{"epoch": 1, "train_loss": 0.7, "train_accuracy": 0.5}],
+        "seconds": 1.5,
+        "device": "cpu",
+        "created_by": "synthbreast 0.1.0",
+    }
+
+
+def write_runs(runs: Path, demo_shards: Path) -> Path:
+    shards = runs / "shards"
+    shutil.copytree(demo_shards, shards)
+    synthetic = write_synthetic(runs / "synthetic" / "class1", label=1)
+    real_manifest = {
+        "path": str(shards / "manifest.json"),
+        "sha256": sha256_file(shards / "manifest.json"),
+    }
+    synth_manifest = {
+        "path": str(synthetic / "manifest.json"),
+        "sha256": "0" * 64,
+    }  # stale on purpose
+    for name, accuracy in OK_SCENARIOS.items():
+        folder = runs / "classify" / name
+        folder.mkdir(parents=True)
+        atomic_write_json(folder / "config.json", {"job": "ClassifyConfig", "scenario": name})
+        weights = "none" if name == "real-real" else "imagenet"
+        atomic_write_json(
+            folder / "metrics.json",
+            metrics(name, accuracy, [real_manifest, synth_manifest], weights),
+        )
+    failed = runs / "classify" / FAILED_SCENARIO
+    failed.mkdir()
+    atomic_write_json(
+        failed / "config.json", {"job": "ClassifyConfig", "scenario": FAILED_SCENARIO}
+    )
+    atomic_write_json(
+        failed / "failed.json",
+        {"scenario": FAILED_SCENARIO, "task_id": 3, "error": ERROR, "when": "2024-01-01T00:00:00"},
+    )
+
+    gan = runs / "gan" / "00000-msggan-gan-class1-32px"
+    (gan / "samples").mkdir(parents=True)
+    atomic_write_json(
+        gan / "config.json", to_dict(TrainGANConfig(shards=str(shards), class_label=1))
+    )
+    lines = [
+        {"step": s, "kimg": s * 0.016, "d_loss": 5.0 / s, "g_loss": -1.0 + 0.1 * s, "gp": 0.1}
+        for s in range(1, 11)
+    ]
+    (gan / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    fakes = np.zeros((66, 66, 3), np.uint8)
+    fakes[::2] = 200
+    (gan / "samples" / "fakes-000000010.png").write_bytes(png(fakes))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def report(demo_shards, tmp_path_factory) -> Path:
+    """RUNS written by hand, reported once by the real CLI; returns the report folder."""
+    runs = write_runs(tmp_path_factory.mktemp("report") / "runs", demo_shards)
+    out = runs / "report"
+    result = CliRunner().invoke(
+        app, ["report", str(runs), "--out", str(out), "--grid-per-class", "16"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out / "report.html")
+    return out
+
+
+def scenario_rows(md: str) -> dict[str, str]:
+    """The lines of the scenario table by scenario name."""
+    table = md.split("\n## Scenarios\n")[1].strip().split("\n\n")[0]
+    return {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+
+
+def test_report_has_every_section_and_lists_failed_and_missing(report):
+    md = (report / "report.md").read_text()
+    for section in SECTIONS:
+        assert f"\n## {section}\n" in md, section
+    rows = scenario_rows(md)
+    # our number beside the paper's, with its interval
+    assert "| 0.700 [0.600, 0.750] | 0.84 |" in rows["real-real"]
+    assert "| 0.950 [0.850, 1.000] | 0.99 |" in rows["synth-synth"]
+    assert NOT_COMPARABLE in rows["real-real"] and "ImageNet" in rows["real-synth"]
+    assert f"failed: {ERROR}" in rows[FAILED_SCENARIO]
+    assert (
+        rows[MISSING_SCENARIO]
+        .rstrip(" |")
+        .endswith("missing: no run folder found under " + str(report.parent))
+    )
+    assert "| — |" in rows[MISSING_SCENARIO]  # no paper number for real+synth-real
+    missing_list = md.split("### Missing or failed runs")[1].split("\n## ")[0]
+    assert (
+        f"- {MISSING_SCENARIO}: missing" in missing_list
+        and f"- {FAILED_SCENARIO}: failed" in missing_list
+    )
+    # figures are files beside the report, linked by relative path
+    for link in re.findall(r"\]\((figures/[^)]+)\)", md):
+        assert (report / link).is_file(), link
+    assert "figures/roc.svg" in md and "figures/losses-00000-msggan-gan-class1-32px.svg" in md
+    assert "figures/grid-real-class0.png" in md and "figures/grid-synthetic-class1.png" in md
+    assert "No synthetic images of class 0 found." in md
+    assert "Fidelity was not run" in md
+    assert "DEMO DATA" in md
+    # provenance: config path and manifest checksums, with whether they still match
+    shards_sha = sha256_file(report.parent / "shards" / "manifest.json")
+    assert f"`{shards_sha}` (same file now)" in md
+    assert "(CHANGED since the run)" in md
+    assert "runs/classify/real-real/config.json" in md
+
+
+def test_metrics_csv_has_a_row_per_scenario(report):
+    rows = list(csv.DictReader((report / "metrics.csv").open()))
+    assert [r["scenario"] for r in rows] == [*OK_SCENARIOS, FAILED_SCENARIO, MISSING_SCENARIO]
+    by_name = {r["scenario"]: r for r in rows}
+    assert by_name["real-real"]["status"] == "ok"
+    assert float(by_name["real-real"]["accuracy"]) == 0.7
+    assert float(by_name["real-real"]["paper_accuracy"]) == 0.84
+    assert (
+        by_name[FAILED_SCENARIO]["status"] == "failed"
+        and by_name[FAILED_SCENARIO]["error"] == ERROR
+    )
+    assert by_name[MISSING_SCENARIO]["status"] == "missing"
+    assert (
+        by_name[MISSING_SCENARIO]["accuracy"] == ""
+        and by_name[MISSING_SCENARIO]["paper_accuracy"] == ""
+    )
+
+
+class TagChecker(HTMLParser):
+    """Balanced tags (void elements aside) and the src of every <img>."""
+
+    VOID = frozenset(
+        {
+            "area",
+            "base",
+            "br",
+            "col",
+            "embed",
+            "hr",
+            "img",
+            "input",
+            "link",
+            "meta",
+            "source",
+            "track",
+            "wbr",
+        }
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[tuple[str, tuple]] = []
+        self.errors: list[str] = []
+        self.img_srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.img_srcs.append(dict(attrs).get("src", ""))
+        if tag not in self.VOID:
+            self.stack.append((tag, self.getpos()))
+
+    def handle_startendtag(self, tag, attrs):
+        if tag == "img":
+            self.img_srcs.append(dict(attrs).get("src", ""))
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.stack or self.stack[-1][0] != tag:
+            self.errors.append(f"</{tag}> at {self.getpos()} closes {self.stack[-1:]}")
+            return
+        self.stack.pop()
+
+
+def test_report_html_is_valid_and_self_contained(report):
+    text = (report / "report.html").read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    checker = TagChecker()
+    checker.feed(text)
+    checker.close()
+    assert not checker.errors, checker.errors[:5]
+    assert not checker.stack, checker.stack
+    # every picture inside the file: PNGs as data: URIs, plots as inline SVG
+    assert len(checker.img_srcs) == 4  # real class 0 and 1, synthetic class 1, GAN snapshot
+    assert all(src.startswith("data:image/png;base64,") for src in checker.img_srcs)
+    svgs = re.findall(r"<svg\b.*?</svg>", text, flags=re.S)
+    assert len(svgs) == 2  # ROC and one GAN run's losses
+    for svg in svgs:
+        ET.fromstring(svg)
+    roc = ET.fromstring(svgs[0])
+    lines = roc.findall(".//{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == len(OK_SCENARIOS)
+    for section in SECTIONS:
+        assert f">{section}</h2>" in text
+
+
+def test_report_follows_the_runs_fidelity_and_a_new_result(report, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(report.parent, runs, ignore=shutil.ignore_patterns("report"))
+    fidelity = runs / "fidelity"
+    fidelity.mkdir()
+    (fidelity / "pca.png").write_bytes(png(np.full((20, 20, 3), 90, np.uint8)))
+    overall = {
+        "fid": 12.5,
+        "kid_mean": 0.01,
+        "kid_std": 0.002,
+        "precision": 0.7,
+        "recall": 0.6,
+        "density": 0.9,
+        "coverage": 0.8,
+    }
+    atomic_write_json(
+        fidelity / "fidelity.json",
+        {
+            "schema": "synthbreast-fidelity/1",
+            "config": {},
+            "extractors": {"pixels": {"overall": overall, "per_class": {"1": overall}}},
+            "skipped": {"inception": "no weights file"},
+            "pca_png": "pca.png",
+        },
+    )
+    late = runs / "classify" / MISSING_SCENARIO
+    late.mkdir()
+    atomic_write_json(late / "metrics.json", metrics(MISSING_SCENARIO, 0.8, [], "imagenet"))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["report", str(runs), "--out", str(out), "--grid-per-class", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    assert "| pixels | overall | 12.500 | 0.010 |" in md
+    assert "inception not computed: no weights file" in md
+    assert (out / "figures" / "fidelity-pca.png").is_file()
+    row = scenario_rows(md)[MISSING_SCENARIO]
+    assert "| 0.800 [0.700, 0.850] | — |" in row and row.rstrip(" |").endswith("ok")
+    html_text = (out / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 5  # the fidelity PNG joined the four
+
+
+def test_report_of_a_missing_runs_folder_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "is not a folder" in result.output
+
+
+def test_svg_plot_is_well_formed_with_round_ticks():
+    assert nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(-123, 4567) == [0, 1000, 2000, 3000, 4000]
+    svg = line_plot(
+        [Series("a <b>", range(2000), [i * i for i in range(2000)]), Series("c", [0, 1], [1, 0])],
+        "t & u",
+        "x",
+        "y",
+    )
+    root = ET.fromstring(svg)
+    lines = root.findall(".//{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2
+    assert len(lines[0].get("points").split()) <= 601  # long series are thinned
+    assert "a <b>" in "".join(root.itertext())
+
+
+def test_report_of_a_started_run_without_a_result(tmp_path):
+    """An array task killed before its result: known by its task id, reported as missing."""
+    started = tmp_path / "runs" / "classify" / "task-1"
+    started.mkdir(parents=True)
+    atomic_write_json(started / "config.json", {"job": "ClassifyConfig", "task_id": 1})
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = scenario_rows((out / "report.md").read_text())
+    assert "missing: " in rows["synth-synth"] and "no metrics.json" in rows["synth-synth"]
+    assert all("no run folder found" in rows[name] for name in rows if name != "synth-synth")
+    assert "No shard folders (manifest.json) found under RUNS" in (out / "report.md").read_text()

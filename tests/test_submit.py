@@ -1,0 +1,64 @@
+"""`synthbreast submit --dry-run`: the exact sbatch lines, in dependency order.
+
+Real submissions against a local Slurm cluster are in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from typer.testing import CliRunner
+
+from synthbreast.cli import app
+from synthbreast.eval.scenarios import scenario_names
+
+
+def dry_run(*args: str) -> str:
+    result = CliRunner().invoke(app, ["submit", *args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
+    script = dry_run("all", "--demo", "--out", str(tmp_path / "run"), "--budget", "tiny")
+    path = tmp_path / "submit.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    jobs = re.findall(
+        r"^(\w+)=\$\(.*?sbatch --parsable --job-name=synthbreast-([\w-]+)", script, re.M
+    )
+    names = [name for _, name in jobs]
+    assert names == [
+        "demo-data", "ingest", "gan-class0", "generate-class0", "gan-class1", "generate-class1",
+        "classify", "report",
+    ]  # fmt: skip
+    lines = {name: line for line in script.splitlines() for _, name in jobs if f"-{name} " in line}
+    # each job waits for its parents, by the shell variables that hold their ids
+    assert "--dependency=afterok:'\"$DEMO_DATA_JOB\"'" in lines["ingest"]
+    assert "--dependency=afterok:'\"$GAN_CLASS1_JOB\"'" in lines["generate-class1"]
+    assert (
+        "$GENERATE_CLASS0_JOB" in lines["classify"] and "$GENERATE_CLASS1_JOB" in lines["classify"]
+    )
+    assert "--dependency=afterany:'\"$CLASSIFY_JOB\"'" in lines["report"]
+    assert f"--array=0-{len(scenario_names()) - 1}" in lines["classify"]
+    assert "EXTRA='--budget tiny'" in lines["gan-class0"] and "CLASS=0" in lines["gan-class0"]
+    assert "--weights none" in lines["classify"]
+    assert "slurm/train_gan.sh" in lines["gan-class0"]
+
+
+def test_submit_classify_dry_run_caps_the_array_and_reruns_one_task(tmp_path):
+    common = ["--real", "r", "--synthetic", "s", "--out", str(tmp_path)]
+    assert "--array=0-4%2" in dry_run("classify", *common, "--max-parallel", "2")
+    one = dry_run("classify", *common, "--tasks", "3")
+    assert "--array=3 " in one and "SYNTHETIC=s" in one
+
+
+def test_submit_report_waits_for_a_given_job(tmp_path):
+    line = dry_run("report", "--runs", str(tmp_path), "--out", str(tmp_path / "r"), "--after", "42")
+    assert "--dependency=afterany:42" in line and "slurm/report.sh" in line
+
+
+def test_submit_all_needs_data_or_demo(tmp_path):
+    result = CliRunner().invoke(app, ["submit", "all", "--out", str(tmp_path), "--dry-run"])
+    assert result.exit_code == 2 and "--demo or --data" in result.output
