@@ -47,6 +47,7 @@ from synthbreast.data.shards import (
     pool_shards,
 )
 from synthbreast.errors import UserError
+from synthbreast.eval.scenarios import SYNTHETIC_POOL, load_synthetic, synthetic_folders
 from synthbreast.fileio import atomic_write_bytes, read_json, sha256_file
 from synthbreast.models.classifier import (
     BACKBONES,
@@ -56,7 +57,6 @@ from synthbreast.models.classifier import (
 )
 
 FEATURES_VERSION = 1  # part of every cache key: bump when an extractor's arithmetic changes
-SYNTHETIC_POOL = "synthetic"  # the pool `synthbreast generate` writes
 PIXELS_SIDE = 16
 INCEPTION_SIDE = 299
 INCEPTION_FILE = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
@@ -103,46 +103,11 @@ def real_source(real: str | Path, pool: str) -> Source:
     return _source(root, manifest, pool, f"real {pool} pool of {root} ({patients} patients)")
 
 
-def synthetic_folders(dirs: Sequence[str | Path]) -> list[Path]:
-    """Each --synthetic DIR: a generate output folder itself, or the such folders inside it."""
-    if not dirs:
-        raise UserError(
-            "pass --synthetic DIR: a folder made by `synthbreast generate --out DIR`, or a "
-            "parent folder of such folders (one per class)"
-        )
-    found: list[Path] = []
-    for given in map(Path, dirs):
-        if not given.is_dir():
-            raise UserError(f"--synthetic {given}: no such folder (make it with generate)")
-        if (given / MANIFEST).is_file():
-            candidates = [given]
-        else:
-            candidates = sorted(p for p in given.iterdir() if (p / MANIFEST).is_file())
-        if not candidates:
-            raise UserError(
-                f"--synthetic {given}: no manifest.json in it or its subfolders; make one with "
-                "`synthbreast generate --checkpoint RUN --out DIR`"
-            )
-        for folder in candidates:
-            if folder.resolve() not in {f.resolve() for f in found}:
-                found.append(folder)
-    return found
-
-
 def synthetic_sources(dirs: Sequence[str | Path]) -> list[Source]:
+    """Each --synthetic DIR (a generate output, or a parent of several) as a source."""
     sources = []
-    for folder in synthetic_folders(dirs):
-        manifest = load_manifest(folder)
-        if not manifest["source"].get("synthetic") or SYNTHETIC_POOL not in manifest["pools"]:
-            raise UserError(
-                f"--synthetic {folder} is not a `synthbreast generate` output (no pool "
-                f"{SYNTHETIC_POOL!r}); real shards go to --real"
-            )
-        if manifest.get("status") != "complete":
-            raise UserError(
-                f"--synthetic {folder}: generation is not complete (status "
-                f"{manifest.get('status')!r}); rerun the same `synthbreast generate` command"
-            )
+    for folder in synthetic_folders(dirs, "fidelity"):
+        manifest = load_synthetic(folder)
         sources.append(_source(folder, manifest, SYNTHETIC_POOL, f"synthetic {folder}"))
     return sources
 

@@ -213,11 +213,12 @@ def load_real(real: str | Path | None, scenario: Scenario) -> tuple[Path, dict[s
     return root, manifest
 
 
-def synthetic_folders(dirs: Sequence[str | Path], scenario: Scenario) -> list[Path]:
-    """Every generate output folder named by --synthetic: the folder itself or its subfolders."""
+def synthetic_folders(dirs: Sequence[str | Path], needed_by: str) -> list[Path]:
+    """Every generate output folder named by --synthetic: the folder itself or its subfolders.
+    `needed_by` says who needs them, for the error when none is given."""
     if not dirs:
         raise UserError(
-            f"scenario {scenario.name} uses synthetic images: pass --synthetic DIR, a folder "
+            f"{needed_by} uses synthetic images: pass --synthetic DIR, a folder "
             "made by `synthbreast generate --checkpoint RUN --out DIR` (or their parent folder)"
         )
     found: list[Path] = []
@@ -279,7 +280,7 @@ def plan_scenario(
     folders: list[Path] = []
     synth_shards: list[ShardRef] = []
     if any(s.startswith("synth") for s in sources):
-        folders = synthetic_folders(synthetic, scenario)
+        folders = synthetic_folders(synthetic, f"scenario {scenario.name}")
         for folder in folders:
             synth_shards += _refs(folder, load_synthetic(folder), SYNTHETIC_POOL)
 
