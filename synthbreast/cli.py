@@ -485,7 +485,7 @@ def _submit(jobs, out: Path, sbatch_args: str, dry_run: bool) -> None:
         return
     ids = submit_jobs(jobs, out, extra)
     for name, job_id in ids.items():
-        console.print(f"{name}: job {job_id}", highlight=False)
+        print(f"{name}: job {job_id}")  # stdout: the result, for scripts that take the ids
     console.print(f"recorded in {out / 'jobs.jsonl'}; watch with: synthbreast status {out}")
 
 
@@ -514,6 +514,8 @@ def submit_classify(
     spec = tasks or array_range(len(scenario_names()), max_parallel)
     if tasks and max_parallel:
         spec = f"{tasks}%{max_parallel}"
+    # absolute: the jobs, jobs.jsonl and `status` must not depend on the submitting folder
+    real, out, synthetic = real.absolute(), out.absolute(), [s.absolute() for s in synthetic]
     _submit([classify_job(real, synthetic, out, extra, spec, [])], out, sbatch_args, dry_run)
 
 
@@ -532,6 +534,7 @@ def submit_report(
     """The report as a job, after the scenario array ends (--after JOBID)."""
     from synthbreast.submit import report_job
 
+    runs, out = runs.absolute(), out.absolute()
     _submit([report_job(runs, out, [after] if after else [])], runs, sbatch_args, dry_run)
 
 
@@ -577,9 +580,13 @@ def submit_all(
 def status(
     out: Annotated[Path, typer.Argument(help="The --out of `synthbreast submit`.")],
 ) -> None:
-    """The submitted jobs' states (sacct, else scontrol) and which outputs exist."""
-    from synthbreast.submit import job_states, read_jobs, stage_outputs
+    """The submitted jobs' states (sacct, else scontrol), which outputs exist, and the command
+    that reruns failed scenario tasks."""
+    from rich.console import Console
 
+    from synthbreast.submit import job_states, read_jobs, resubmit_commands, stage_outputs
+
+    shown = Console()  # stdout: the states are this command's result (`| grep FAILED`)
     jobs = read_jobs(out)
     states = job_states([j["job_id"] for j in jobs])
     table = Table(title=f"jobs of {out}")
@@ -589,13 +596,18 @@ def status(
         own = {k: v for k, v in states.items() if k.split("_")[0] == job["job_id"]}
         text = ", ".join(f"{k}:{v}" for k, v in sorted(own.items())) or "unknown (forgotten)"
         table.add_row(job["name"], job["job_id"], text)
-    console.print(table)
+    shown.print(table)
     outputs = Table(title="outputs")
     outputs.add_column("output")
     outputs.add_column("state")
     for name, state in stage_outputs(out).items():
         outputs.add_row(name, state)
-    console.print(outputs)
+    shown.print(outputs)
+    commands = resubmit_commands(jobs, states)
+    if commands:
+        shown.print("rerun the failed scenarios, then the report (submit report --after JOBID):")
+    for command in commands:
+        shown.print(command, highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

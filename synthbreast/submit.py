@@ -57,11 +57,17 @@ class Job:
         else:
             cmd.append(f"--output={logs}/%x-%j.out")
         if self.after:
-            cmd.append(
-                f"--dependency={self.dependency_type}:"
-                + ":".join(ids.get(a, a) for a in self.after)
-            )
+            parents = ":".join(resolve_id(a, ids) for a in self.after)
+            cmd.append(f"--dependency={self.dependency_type}:{parents}")
         return [*cmd, *sbatch_args, "--export=ALL", self.script, *self.args]
+
+
+def resolve_id(after: str, ids: dict[str, str]) -> str:
+    """A job name -> its id; "name_K" -> task K of that array job ("123_K"); else as given."""
+    if after in ids:
+        return ids[after]
+    name, _, task = after.rpartition("_")
+    return f"{ids[name]}_{task}" if name in ids and task.isdigit() else after
 
 
 def array_range(count: int, max_parallel: int | None = None) -> str:
@@ -108,8 +114,10 @@ def submit_jobs(jobs: list[Job], out: Path, sbatch_args: list[str]) -> dict[str,
             "name": job.name,
             "job_id": ids[job.name],
             "array": job.array,
-            "after": [ids.get(a, a) for a in job.after],
+            "after": [resolve_id(a, ids) for a in job.after],
+            "dependency_type": job.dependency_type,
             "env": job.env,
+            "sbatch_args": sbatch_args,
             "command": command,
             "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -150,7 +158,9 @@ def plan_all(
     max_parallel: int | None,
     patch_size: int = 50,
 ) -> list[Job]:
-    """ingest -> a GAN per class -> generation per class -> scenario array -> report."""
+    """ingest -> a GAN per class -> generation per class -> scenario array -> fidelity ->
+    report. Stages found complete now (demo data, ingest) are left out, as `pipeline` skips
+    them; later stages skip what is complete themselves."""
     from synthbreast.eval.scenarios import scenario_names
 
     scripts = slurm_dir()
@@ -159,14 +169,20 @@ def plan_all(
     jobs: list[Job] = []
     ingest_after = []
     if demo:
-        demo_args = ["demo-data", str(out / "data"), "--patients", str(settings["demo_patients"])]
-        demo_args += ["--per-class", str(settings["demo_per_class"])]
-        jobs.append(Job("demo-data", run, args=demo_args))
-        ingest_after = ["demo-data"]
         data = out / "data"
+        if not demo_data_complete(data, settings):  # a resubmission continues the chain
+            demo_args = ["demo-data", str(data), "--patients", str(settings["demo_patients"])]
+            demo_args += ["--per-class", str(settings["demo_per_class"])]
+            jobs.append(Job("demo-data", run, args=demo_args))
+            ingest_after = ["demo-data"]
     assert data is not None
-    ingest_args = ["ingest", str(data), str(shards), "--small-patches", "pad", "--resume"]
-    jobs.append(Job("ingest", run, args=ingest_args, after=ingest_after))
+    gan_after = []
+    # a complete ingest is not redone: `ingest --resume` would rewrite its manifest, and the
+    # fidelity of a resubmitted chain would then refuse its own earlier result
+    if _status(shards / "manifest.json") != "complete":
+        ingest_args = ["ingest", str(data), str(shards), "--small-patches", "pad", "--resume"]
+        jobs.append(Job("ingest", run, args=ingest_args, after=ingest_after))
+        gan_after = ["ingest"]
     generated = []
     for c in classes:
         gan_env = {
@@ -176,7 +192,7 @@ def plan_all(
             "EXTRA": f"--budget {settings['gan_budget']}"
             + (f" --kimg {settings['gan_kimg']}" if settings["gan_kimg"] else ""),
         }
-        jobs.append(Job(f"gan-class{c}", str(scripts / "train_gan.sh"), gan_env, after=["ingest"]))
+        jobs.append(Job(f"gan-class{c}", str(scripts / "train_gan.sh"), gan_env, after=gan_after))
         gen_env = {
             "CHECKPOINT": str(out / "gan" / f"class{c}"),
             "OUT": str(synthetic / f"class{c}"),
@@ -195,18 +211,54 @@ def plan_all(
     extra += f" --input-size {settings['input_size']}"
     tasks = array_range(len(scenario_names()), max_parallel)
     jobs.append(classify_job(shards, [synthetic], out / "classify", extra, tasks, generated))
-    jobs.append(report_job(out, out / "report", ["classify"]))
+    # fidelity measures in the real-real classifier's feature space (as `pipeline` does): it
+    # waits for that task alone, whatever its end (a failed one fails fidelity, not the report)
+    fidelity_args = ["fidelity", "--real", str(shards), "--synthetic", str(synthetic)]
+    fidelity_args += ["--out", str(out / "fidelity")]
+    fidelity_args += ["--classifier-run", str(out / "classify" / scenario_names()[0])]
+    for name in settings["fidelity_extractors"]:  # none named: pixels, classifier, inception
+        fidelity_args += ["--extractor", name]
+    jobs.append(
+        Job("fidelity", run, args=fidelity_args, after=["classify_0"], dependency_type="afterany")
+    )
+    jobs.append(report_job(out, out / "report", ["classify", "fidelity"]))
     return jobs
+
+
+def demo_data_complete(data: Path, settings: dict[str, Any]) -> bool:
+    """The demo dataset the chain would write is already there (as `pipeline` checks)."""
+    from synthbreast.config import DemoDataConfig, to_dict
+    from synthbreast.data.demo import DEMO_MARKER
+
+    marker = data / DEMO_MARKER
+    if not data.exists():
+        return False
+    if not marker.is_file():
+        raise UserError(
+            f"{data} exists and is not a synthbreast demo dataset; use another --out, or --data"
+        )
+    written = json.loads(marker.read_text())["config"]
+    job = DemoDataConfig(str(data), settings["demo_patients"], settings["demo_per_class"])
+    wanted = {k: v for k, v in to_dict(job).items() if k not in ("out", "overwrite")}
+    if written != wanted:
+        raise UserError(
+            f"{data} holds demo data of another config ({written}); use another --out or delete "
+            "that folder"
+        )
+    return True
 
 
 # --- status ---------------------------------------------------------------------------------
 
 
 def read_jobs(out: Path) -> list[dict[str, Any]]:
-    path = out / JOBS_FILE
-    if not path.exists():
-        raise UserError(f"{path} not found: nothing was submitted with --out {out}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The jobs submitted with --out OUT, then those of its subfolders (a scenario task
+    resubmitted with `submit classify --out OUT/classify`), in submission order."""
+    paths = [p for p in [out / JOBS_FILE, *sorted(out.glob(f"*/{JOBS_FILE}"))] if p.is_file()]
+    if not paths:
+        raise UserError(f"{out / JOBS_FILE} not found: nothing was submitted with --out {out}")
+    jobs = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    return sorted(jobs, key=lambda job: job["submitted"])  # stable: file order within a second
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:
@@ -256,6 +308,7 @@ def stage_outputs(out: Path) -> dict[str, str]:
             found[f"classify/{name}"] = f"failed: {error[:80]}"
         else:
             found[f"classify/{name}"] = "missing"
+    found["fidelity"] = "complete" if (out / "fidelity" / "fidelity.json").exists() else "missing"
     found["report"] = "complete" if (out / "report" / "report.html").exists() else "missing"
     return found
 
@@ -264,3 +317,40 @@ def _status(manifest: Path) -> str:
     if not manifest.exists():
         return "missing"
     return json.loads(manifest.read_text()).get("status", "unknown")
+
+
+# Slurm states of a task that ended without its result
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL")
+
+
+def resubmit_commands(jobs: list[dict[str, Any]], states: dict[str, str]) -> list[str]:
+    """`synthbreast submit classify` lines that rerun exactly the scenario tasks whose latest
+    run failed and that still have no metrics.json, with the flags they were submitted with."""
+    from synthbreast.eval.scenarios import scenario_names
+
+    names = scenario_names()
+    latest: dict[tuple[str, int], tuple[int, str]] = {}  # (OUT, task) -> (job index, state)
+    for index, job in enumerate(jobs):
+        if not {"REAL", "SYNTHETIC", "OUT"} <= job.get("env", {}).keys():
+            continue  # not a scenario array
+        for key, state in states.items():
+            parent, _, task = key.partition("_")
+            if parent == job["job_id"] and task.isdigit():
+                latest[(job["env"]["OUT"], int(task))] = (index, state)
+    failed: dict[int, list[int]] = {}
+    for (out, task), (index, state) in sorted(latest.items()):
+        if state in FAILED_STATES and not (Path(out) / names[task] / "metrics.json").exists():
+            failed.setdefault(index, []).append(task)
+    lines = []
+    for index, tasks in sorted(failed.items()):
+        job, env = jobs[index], jobs[index]["env"]
+        command = ["synthbreast", "submit", "classify", "--real", env["REAL"]]
+        for folder in env["SYNTHETIC"].split():
+            command += ["--synthetic", folder]
+        command += ["--out", env["OUT"], "--tasks", ",".join(map(str, tasks))]
+        if env.get("EXTRA"):
+            command += ["--extra", env["EXTRA"]]
+        if job.get("sbatch_args"):
+            command += ["--sbatch-args", shlex.join(job["sbatch_args"])]
+        lines.append(shlex.join(command))
+    return lines

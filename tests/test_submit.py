@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -31,7 +32,7 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     names = [name for _, name in jobs]
     assert names == [
         "demo-data", "ingest", "gan-class0", "generate-class0", "gan-class1", "generate-class1",
-        "classify", "report",
+        "classify", "fidelity", "report",
     ]  # fmt: skip
     lines = {name: line for line in script.splitlines() for _, name in jobs if f"-{name} " in line}
     # each job waits for its parents, by the shell variables that hold their ids
@@ -40,7 +41,10 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     assert (
         "$GENERATE_CLASS0_JOB" in lines["classify"] and "$GENERATE_CLASS1_JOB" in lines["classify"]
     )
-    assert "--dependency=afterany:'\"$CLASSIFY_JOB\"'" in lines["report"]
+    # fidelity needs the real-real classifier (task 0) alone; the report waits for both
+    assert "--dependency=afterany:'\"$CLASSIFY_JOB\"'_0'" in lines["fidelity"]
+    assert "--classifier-run" in lines["fidelity"] and "--extractor classifier" in lines["fidelity"]
+    assert "--dependency=afterany:'\"$CLASSIFY_JOB\"':'\"$FIDELITY_JOB\"''" in lines["report"]
     assert f"--array=0-{len(scenario_names()) - 1}" in lines["classify"]
     assert "EXTRA='--budget tiny'" in lines["gan-class0"] and "CLASS=0" in lines["gan-class0"]
     assert "--weights none" in lines["classify"]
@@ -51,7 +55,8 @@ def test_submit_classify_dry_run_caps_the_array_and_reruns_one_task(tmp_path):
     common = ["--real", "r", "--synthetic", "s", "--out", str(tmp_path)]
     assert "--array=0-4%2" in dry_run("classify", *common, "--max-parallel", "2")
     one = dry_run("classify", *common, "--tasks", "3")
-    assert "--array=3 " in one and "SYNTHETIC=s" in one
+    # relative paths become absolute: the jobs and `status` must not depend on the cwd
+    assert "--array=3 " in one and f"SYNTHETIC={Path.cwd() / 's'}" in one
 
 
 def test_submit_report_waits_for_a_given_job(tmp_path):
@@ -62,3 +67,32 @@ def test_submit_report_waits_for_a_given_job(tmp_path):
 def test_submit_all_needs_data_or_demo(tmp_path):
     result = CliRunner().invoke(app, ["submit", "all", "--out", str(tmp_path), "--dry-run"])
     assert result.exit_code == 2 and "--demo or --data" in result.output
+
+
+def test_submit_all_again_leaves_out_the_complete_demo_data_and_ingest(tmp_path):
+    """A second `submit all` into the same OUT continues the chain, as `pipeline` does: the
+    stages complete at submission are left out (demo-data refuses an existing folder; a rerun
+    ingest would rewrite the manifest that later results were computed from), and the later
+    stages skip what is complete themselves."""
+    from synthbreast.config import DemoDataConfig, IngestConfig
+    from synthbreast.data.demo import write_demo_dataset
+    from synthbreast.data.ingest import run_ingest
+    from synthbreast.pipeline import PIPELINE_BUDGETS
+
+    tiny, out = PIPELINE_BUDGETS["tiny"], tmp_path / "run"
+    demo = DemoDataConfig(str(out / "data"), tiny["demo_patients"], tiny["demo_per_class"])
+    write_demo_dataset(demo)
+    script = dry_run("all", "--demo", "--out", str(out), "--budget", "tiny")
+    assert "job-name=synthbreast-demo-data" not in script
+    ingest = next(line for line in script.splitlines() if "synthbreast-ingest" in line)
+    assert "--dependency" not in ingest
+
+    run_ingest(IngestConfig(src=demo.out, out=str(out / "shards"), small_patches="pad"))
+    script = dry_run("all", "--demo", "--out", str(out), "--budget", "tiny")
+    assert "synthbreast-ingest" not in script
+    gan = next(line for line in script.splitlines() if "synthbreast-gan-class0" in line)
+    assert "--dependency" not in gan
+
+    # demo data of another size there: refused before anything is submitted
+    result = CliRunner().invoke(app, ["submit", "all", "--demo", "--out", str(out), "--dry-run"])
+    assert result.exit_code == 2 and "another config" in result.output
