@@ -42,12 +42,16 @@ from synthbreast.data.shards import (
     decode_image,
     image_bytes,
     iter_shard,
-    load_manifest,
     pool_count,
     pool_shards,
 )
 from synthbreast.errors import UserError
-from synthbreast.eval.scenarios import SYNTHETIC_POOL, load_synthetic, synthetic_folders
+from synthbreast.eval.scenarios import (
+    SYNTHETIC_POOL,
+    load_ingest,
+    load_synthetic,
+    synthetic_folders,
+)
 from synthbreast.fileio import atomic_write_bytes, read_json, sha256_file
 from synthbreast.models.classifier import (
     BACKBONES,
@@ -91,14 +95,7 @@ def _source(root: Path, manifest: dict[str, Any], pool: str, description: str) -
 def real_source(real: str | Path, pool: str) -> Source:
     """A pool of an ingest output folder (gan, train or test)."""
     root = Path(real)
-    manifest = load_manifest(root)
-    if manifest["source"].get("synthetic"):
-        raise UserError(f"--real {root} holds synthetic shards: give the ingest output folder")
-    if manifest.get("status") != "complete":
-        raise UserError(
-            f"--real {root}: the ingest is not complete (status {manifest.get('status')!r}); "
-            "finish it with `synthbreast ingest SRC DIR --resume`"
-        )
+    manifest = load_ingest(root)
     patients = len(manifest["pools"].get(pool, {}).get("patients", []))
     return _source(root, manifest, pool, f"real {pool} pool of {root} ({patients} patients)")
 

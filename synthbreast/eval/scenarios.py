@@ -189,13 +189,8 @@ def _counts(shards: Sequence[ShardRef]) -> dict[int, int]:
     return dict(sorted(total.items()))
 
 
-def load_real(real: str | Path | None, scenario: Scenario) -> tuple[Path, dict[str, Any]]:
-    if real is None:
-        raise UserError(
-            f"scenario {scenario.name} uses real images: pass --real DIR, a shard folder made "
-            "by `synthbreast ingest SRC DIR`"
-        )
-    root = Path(real)
+def load_ingest(root: Path) -> dict[str, Any]:
+    """The manifest of a complete `synthbreast ingest` output (--real), or a clear error."""
     manifest = load_manifest(root)
     if manifest["source"].get("synthetic"):
         raise UserError(f"--real {root} holds synthetic shards: give the ingest output folder")
@@ -204,6 +199,17 @@ def load_real(real: str | Path | None, scenario: Scenario) -> tuple[Path, dict[s
             f"--real {root}: the ingest is not complete (status {manifest.get('status')!r}); "
             "finish it with `synthbreast ingest SRC DIR --resume`"
         )
+    return manifest
+
+
+def load_real(real: str | Path | None, scenario: Scenario) -> tuple[Path, dict[str, Any]]:
+    if real is None:
+        raise UserError(
+            f"scenario {scenario.name} uses real images: pass --real DIR, a shard folder made "
+            "by `synthbreast ingest SRC DIR`"
+        )
+    root = Path(real)
+    manifest = load_ingest(root)
     for pool in (REAL_TRAIN_POOL, REAL_TEST_POOL):
         if pool not in manifest["pools"]:
             raise UserError(
