@@ -45,6 +45,7 @@ from torch import nn
 from synthbreast import __version__
 from synthbreast.config import ClassifyConfig, save_config, to_dict
 from synthbreast.data.shards import decode_image, image_bytes, iter_shard
+from synthbreast.devices import choose_device
 from synthbreast.errors import UserError
 from synthbreast.eval.metrics import classification_metrics, predict
 from synthbreast.eval.scenarios import (
@@ -121,15 +122,6 @@ def validate(config: ClassifyConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if config.lr <= 0:
         raise UserError(f"--lr {config.lr} must be positive")
-
-
-def choose_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device here (use --device cpu or auto)")
-    return device
 
 
 def uses_cache(config: ClassifyConfig) -> bool:

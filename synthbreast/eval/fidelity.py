@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 from synthbreast import __version__
 from synthbreast.config import FidelityConfig, save_config, to_dict
 from synthbreast.data.shards import load_manifest
+from synthbreast.devices import choose_device
 from synthbreast.errors import UserError
 from synthbreast.eval import plots
 from synthbreast.eval.features import (
@@ -280,18 +281,6 @@ TSNE_POINTS = 2000  # t-SNE of at most this many points in all
 PREFERRED = ("inception", "classifier", "pixels")  # whose PCA is the top-level pca_png
 # Config fields that do not change results: a finished run is reused whatever they are.
 NOT_IDENTITY = ("force", "workers", "batch_size", "device")
-
-
-def choose_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    return device
 
 
 def validate(config: FidelityConfig) -> None:
