@@ -12,6 +12,13 @@ because oneDNN on the CPU runs misaligned widths much slower (see MSGGAN-NOTES.m
 - minibatch standard deviation runs once, in the 4x4 block, and its single statistic channel
   takes one of the 16 slots of that block's `from_rgb` (15 + 1), so that block stays aligned.
 
+With `num_classes` >= 2 the pair is conditional (`msggan-cond`), one model for every class:
+- G: the one-hot label is embedded to `latent_dim` and joined to the latent, each
+  pixel-normalised (as StyleGAN2-ADA's mapping network joins its embedding);
+- D: a projection discriminator (Miyato & Koyama 2018) at the 4x4 output: the score is
+  `linear(h) + <embed(y), h> / sqrt(C)` on the final features h, so that D judges "is this a
+  real image of class y" and not only "is this real".
+
 Models here are pure: nn.Modules and their config, no files, no prints, no devices.
 """
 
@@ -46,6 +53,10 @@ class MSGGANConfig:
     # padding of the generator's 3x3 convs: "zeros" (ProGAN, the official MSG-GAN) or
     # "reflect", which gives G no image border to paint (narrow CPU models drew frames)
     g_padding: str = "zeros"
+    # the generator's x2 upsampling: "nearest" (ProGAN, the official MSG-GAN) or "bilinear",
+    # which does not hand the next conv blocky 2x2 copies to turn into grid artefacts
+    g_upsample: str = "nearest"
+    num_classes: int = 0  # 0: unconditional (msggan); >= 2: conditional (msggan-cond)
 
     def __post_init__(self) -> None:
         res = self.resolution
@@ -55,8 +66,16 @@ class MSGGANConfig:
             raise ValueError(f"width must be positive, got {self.width}")
         if self.g_padding not in ("zeros", "reflect", "replicate"):
             raise ValueError(f"g_padding must be zeros, reflect or replicate: {self.g_padding}")
+        if self.g_upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"g_upsample must be nearest or bilinear: {self.g_upsample}")
         if self.rgb_channels < 2:
             raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (unconditional) or >= 2: {self.num_classes}")
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes >= 2
 
     def channels(self, res: int) -> int:
         """Feature channels at side `res`: StyleGAN's rule, scaled by width, aligned, floored."""
@@ -164,15 +183,23 @@ class GeneratorInput(nn.Module):
     """Latent -> 4x4 features: pixel norm, dense to C x 4 x 4 (a 4x4 transposed conv from a
     1x1 latent), then a 3x3 conv; LeakyReLU and pixel norm after each."""
 
-    def __init__(self, latent_dim: int, channels: int, padding_mode: str = "zeros") -> None:
+    def __init__(
+        self, latent_dim: int, channels: int, padding_mode: str = "zeros", num_classes: int = 0
+    ) -> None:
         super().__init__()
         self.channels = channels
+        # the label's embedding, as long as the latent, joined to it (conditional models only)
+        self.embed = EqualizedLinear(num_classes, latent_dim, gain=1.0) if num_classes else None
+        inputs = latent_dim * (2 if num_classes else 1)
         # gain / 4 per output pixel, as ProGAN's dense-to-4x4 layer (gain=sqrt(2)/4 over 16 pixels)
-        self.dense = EqualizedLinear(latent_dim, channels * 16, gain=RELU_GAIN / 4)
+        self.dense = EqualizedLinear(inputs, channels * 16, gain=RELU_GAIN / 4)
         self.conv = EqualizedConv2d(channels, channels, 3, padding_mode=padding_mode)
 
-    def forward(self, z: Tensor) -> Tensor:
-        x = self.dense(pixel_norm(z)).reshape(-1, self.channels, 4, 4)
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        z = pixel_norm(z)
+        if self.embed is not None:
+            z = torch.cat([z, pixel_norm(self.embed(one_hot(labels, self.embed, z)))], dim=1)
+        x = self.dense(z).reshape(-1, self.channels, 4, 4)
         x = pixel_norm(lrelu(x))
         return pixel_norm(lrelu(self.conv(x)))
 
@@ -180,40 +207,67 @@ class GeneratorInput(nn.Module):
 class GeneratorBlock(nn.Module):
     """Nearest-neighbour upsample x2, then two 3x3 convs with LeakyReLU and pixel norm."""
 
-    def __init__(self, in_ch: int, out_ch: int, padding_mode: str = "zeros") -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, padding_mode: str = "zeros", upsample: str = "nearest"
+    ) -> None:
         super().__init__()
+        self.upsample = upsample
         self.conv1 = EqualizedConv2d(in_ch, out_ch, 3, padding_mode=padding_mode)
         self.conv2 = EqualizedConv2d(out_ch, out_ch, 3, padding_mode=padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.upsample == "nearest":
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         x = pixel_norm(lrelu(self.conv1(x)))
         return pixel_norm(lrelu(self.conv2(x)))
 
 
+def one_hot(labels: Tensor | None, embed: EqualizedLinear, like: Tensor) -> Tensor:
+    """Integer labels (N,) -> one-hot rows for a class embedding; a clear error without them."""
+    classes = embed.weight.shape[1]
+    if labels is None:
+        raise ValueError(f"this model is conditional on {classes} classes: pass labels")
+    if labels.shape != (like.shape[0],):
+        raise ValueError(f"labels must have shape ({like.shape[0]},), got {tuple(labels.shape)}")
+    return F.one_hot(labels.long(), classes).to(like.dtype)
+
+
 class Generator(nn.Module):
-    """z (N, latent_dim) -> [image at 4x4, 8x8, ..., resolution], each (N, 3, s, s), linear."""
+    """z (N, latent_dim) [+ labels (N,)] -> [image at 4x4, 8x8, ..., resolution], each
+    (N, 3, s, s), linear. `sample` gives the top scale alone."""
 
     def __init__(self, config: MSGGANConfig) -> None:
         super().__init__()
         self.config = config
         scales = config.scales()
         pad = config.g_padding
-        self.input = GeneratorInput(config.latent_dim, config.channels(4), pad)
+        self.input = GeneratorInput(config.latent_dim, config.channels(4), pad, config.num_classes)
         self.blocks = nn.ModuleList(
-            GeneratorBlock(config.channels(s // 2), config.channels(s), pad) for s in scales[1:]
+            GeneratorBlock(config.channels(s // 2), config.channels(s), pad, config.g_upsample)
+            for s in scales[1:]
         )
         self.to_rgb = nn.ModuleList(
             EqualizedConv2d(config.channels(s), 3, 1, gain=LINEAR_GAIN) for s in scales
         )
 
-    def forward(self, z: Tensor) -> list[Tensor]:
-        x = self.input(z)
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> list[Tensor]:
+        x = self.input(z, labels)
         images = [self.to_rgb[0](x)]
         for block, to_rgb in zip(self.blocks, self.to_rgb[1:], strict=True):
             x = block(x)
             images.append(to_rgb(x))
         return images
+
+    def sample(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Images (N, 3, resolution, resolution) in about [-1, 1]: what generate writes.
+
+        The lower scales' to_rgb are skipped: only the top image is kept."""
+        x = self.input(z, labels)
+        for block in self.blocks:
+            x = block(x)
+        return self.to_rgb[-1](x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,25 +290,31 @@ class DiscriminatorBlock(nn.Module):
 
 
 class DiscriminatorOutput(nn.Module):
-    """The 4x4 block: minibatch std, 3x3 conv, 4x4 conv to C x 1 x 1, linear score."""
+    """The 4x4 block: minibatch std, 3x3 conv, 4x4 conv to C x 1 x 1, linear score; with
+    classes, plus the projection <embed(y), h> / sqrt(C) (Miyato & Koyama 2018)."""
 
-    def __init__(self, in_ch: int, channels: int, mbstd_group: int) -> None:
+    def __init__(self, in_ch: int, channels: int, mbstd_group: int, num_classes: int = 0) -> None:
         super().__init__()
         self.mbstd_group = mbstd_group
         self.conv = EqualizedConv2d(in_ch + 1, channels, 3)
         self.conv4x4 = EqualizedConv2d(channels, channels, 4, padding=0)
         self.score = EqualizedLinear(channels, 1, gain=LINEAR_GAIN)
+        self.embed = EqualizedLinear(num_classes, channels, gain=1.0) if num_classes else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         x = minibatch_stddev(x, self.mbstd_group)
         x = lrelu(self.conv(x))
-        x = lrelu(self.conv4x4(x)).flatten(1)
-        return self.score(x).squeeze(1)
+        h = lrelu(self.conv4x4(x)).flatten(1)
+        score = self.score(h).squeeze(1)
+        if self.embed is not None:
+            projection = self.embed(one_hot(labels, self.embed, h))
+            score = score + (projection * h).sum(dim=1) / math.sqrt(h.shape[1])
+        return score
 
 
 class Discriminator(nn.Module):
-    """[image at 4x4, ..., resolution] -> score (N,). Reads the top scale first and adds each
-    lower scale's image (1x1 from_rgb, concatenated) on the way down to 4x4."""
+    """[image at 4x4, ..., resolution] [+ labels (N,)] -> score (N,). Reads the top scale
+    first and adds each lower scale's image (1x1 from_rgb, concatenated) on the way down."""
 
     def __init__(self, config: MSGGANConfig) -> None:
         super().__init__()
@@ -277,10 +337,11 @@ class Discriminator(nn.Module):
             for s in scales[1:]
         )
         self.output = DiscriminatorOutput(
-            config.channels(4) + rgb - 1, config.channels(4), config.mbstd_group
-        )
+            config.channels(4) + rgb - 1, config.channels(4), config.mbstd_group,
+            config.num_classes,
+        )  # fmt: skip
 
-    def forward(self, images: list[Tensor]) -> Tensor:
+    def forward(self, images: list[Tensor], labels: Tensor | None = None) -> Tensor:
         if len(images) != len(self.blocks) + 1:
             raise ValueError(f"expected {len(self.blocks) + 1} scales, got {len(images)}")
         x = lrelu(self.from_rgb_top(images[-1]))
@@ -290,7 +351,7 @@ class Discriminator(nn.Module):
             x = torch.cat([lrelu(self.from_rgb[i](images[i])), x], dim=1)
             x = self.blocks[i - 1](x)
         x = torch.cat([lrelu(self.from_rgb[0](images[0])), x], dim=1)
-        return self.output(x)
+        return self.output(x, labels)
 
 
 # --------------------------------------------------------------------------------------------
