@@ -72,30 +72,40 @@ class InspectConfig:
 
 @dataclass
 class TrainGANConfig:
-    """`synthbreast train-gan`: MSG-GAN with WGAN-GP on one pool (and class) of the shards.
+    """`synthbreast train-gan`: a GAN of the model registry on one pool (and class) of the shards.
 
     `batch_size` is the global batch, split evenly over the processes, so one process and
     N processes train the same arithmetic. Schedules are in kimg (thousands of real images).
+    A conditional model (`msggan-cond`) trains every class at once, each batch holding the
+    classes in equal shares, so a rare class gets as much training as a common one.
     """
 
     shards: str
     outdir: str = "runs"  # run folders are numbered inside: <outdir>/00003-<description>
     pool: str = "gan"
     class_label: int | None = None  # None: every class in one model
+    model: str = "msggan"  # synthbreast/models/registry.py MODELS
     resolution: int = 64
     latent_dim: int = 512
     width: float = 1.0  # channel multiplier: 1.0 = the paper; smaller for CPUs
     g_padding: str = "zeros"  # generator conv padding: zeros (the paper) | reflect
+    g_upsample: str = "nearest"  # generator x2 upsampling: nearest (the paper) | bilinear
     batch_size: int = 16
     optimizer: str = "rmsprop"  # rmsprop (the paper) | adam (betas 0, 0.99: official MSG-GAN)
     lr: float = 1e-4
-    gp_weight: float = 10.0
-    drift: float = 0.001
+    loss: str = "wgan-gp"  # wgan-gp (the paper) | logistic-r1 (StyleGAN2)
+    gp_weight: float = 10.0  # wgan-gp
+    drift: float = 0.001  # wgan-gp
+    r1_gamma: float = 0.1  # logistic-r1: R1 weight
+    r1_interval: int = 16  # logistic-r1: lazy R1 every N steps
+    augment: str = "none"  # none | diffaug | ada: augmentation of D's inputs (real and fake)
+    dihedral: bool = False  # random flips/90-degree rotations of the real images
     ema_kimg: float = 10.0  # EMA half-life in kimg, as in StyleGAN2-ADA
     kimg: float = 1000.0  # training length
     tick_kimg: float = 4.0  # a progress line every tick
-    snapshot_kimg: float = 50.0  # sample grid of fixed latents
+    snapshot_kimg: float = 50.0  # sample grid, quality metric and checkpoint
     checkpoint_kimg: float = 50.0
+    metric_images: int = 500  # generated images per class for the snapshot metric (0: off)
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 0
     workers: int = 2  # DataLoader workers per process
@@ -117,6 +127,7 @@ class GenerateConfig:
     shards: int = 76
     per_shard: int = 1000
     class_label: int | None = None  # None: the class the GAN was trained on
+    snapshot: str = "best"  # best (by the run's snapshot metric) | latest | a step number
     seed: int = 0
     shard_range: str | None = None  # "START:END", end exclusive; None = all (or Slurm's task)
     output_size: int | None = None  # None: the model's resolution; e.g. 50 = real patch size
@@ -125,8 +136,9 @@ class GenerateConfig:
 
 @dataclass
 class PipelineConfig:
-    """`synthbreast pipeline`: data -> ingest -> GAN per class -> generate -> classify ->
-    fidelity -> report, on one machine; every stage skips what is already complete."""
+    """`synthbreast pipeline`: data -> ingest -> GAN (one conditional, or one per class) ->
+    generate -> classify -> fidelity -> report, on one machine; every stage skips what is
+    already complete."""
 
     out: str
     demo: bool = False  # the embedded demo data (written to OUT/data)
@@ -135,6 +147,8 @@ class PipelineConfig:
     small_patches: str = "pad"  # real IDC has border patches under 50 px: pad them with white
     skip_bad: bool = False
     budget: str = "small"  # tiny | small | paper (synthbreast/pipeline.py PIPELINE_BUDGETS)
+    per_class_gans: bool = False  # the paper's one MSG-GAN per class; default one conditional
+    keep_going: bool = False  # classify even when the generator collapsed (the report warns)
     weights: str | None = None  # classifier weights: None = the budget's (none, or imagenet)
     weights_path: str | None = None
     seed: int = 0

@@ -63,10 +63,13 @@ def checkpoint_paths(run_dir: Path, step: int) -> tuple[Path, Path]:
     return folder / f"ckpt-{step:09d}.safetensors", folder / f"ckpt-{step:09d}.json"
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, state: dict[str, Any], keep: int = 3, protect: int | None = None
+) -> Path:
     """Write `state` (nested dicts/lists of tensors and JSON values) as checkpoint `step`.
 
-    Returns the .json path. Keeps the newest `keep` checkpoints (0 keeps all).
+    Returns the .json path. Keeps the newest `keep` checkpoints (0 keeps all) and the one of
+    step `protect` (the best snapshot so far, which `generate` uses by default).
     """
     tensors_path, json_path = checkpoint_paths(run_dir, step)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     )
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
+            if protect is not None and old.name == checkpoint_paths(run_dir, protect)[1].name:
+                continue
             old.unlink(missing_ok=True)
             old.with_suffix(".safetensors").unlink(missing_ok=True)
     return json_path

@@ -1,10 +1,13 @@
-"""MSG-GAN training with accelerate: one process, or N (torchrun / accelerate launch) on CPUs,
+"""GAN training with accelerate: one process, or N (torchrun / accelerate launch) on CPUs,
 GPUs and nodes; mixed precision; checkpoints that resume exactly.
+
+The model comes from the registry (synthbreast/models/registry.py) by name: this loop knows
+only what a spec gives it (build G and D, what D reads of a real batch, whether labels go in).
 
 As in StyleGAN2-ADA, the models are not wrapped in DistributedDataParallel: every rank starts
 from the same seed (same initial weights), computes its share of the global batch, and the
 gradients are averaged across ranks by hand before each optimizer step. DDP could not do this
-here: the gradient penalty differentiates D with `autograd.grad`, which DDP does not support,
+here: the gradient penalties differentiate D with `autograd.grad`, which DDP does not support,
 and the G step runs D frozen, which DDP would try to synchronise.
 """
 
@@ -31,34 +34,41 @@ from synthbreast.data.shards import load_manifest, pool_count, pool_shards
 from synthbreast.errors import UserError
 from synthbreast.fileio import atomic_write_bytes
 from synthbreast.images import make_grid, save_png
-from synthbreast.models.msggan import Discriminator, Generator, MSGGANConfig, image_pyramid
+from synthbreast.models.registry import MODELS, GANSpec, get_model
+from synthbreast.train.augment import AUGMENTS, AdaptiveP, Augment, dihedral
 from synthbreast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from synthbreast.train.ema import make_ema, update_ema
-from synthbreast.train.losses import discriminator_loss, generator_loss, requires_grad
+from synthbreast.train.losses import LOSSES, LossSettings, d_loss, g_loss, requires_grad
 
 # Budgets scale widths and resolution as well as length: the paper's config costs about 22 s
 # per iteration on a 2-core CPU (../shared/MSGGAN-NOTES.md), so CPUs need narrow models.
+# tiny/small: chosen by measurement on the real IDC sample (README, "Training"): the logistic
+# loss with lazy R1, DiffAugment and the dataset's flips/rotations learnt tissue texture in the
+# small budget where WGAN-GP alone drew one flat colour per class.
+SMALL_DATA = dict(optimizer="adam", lr=0.002, g_padding="reflect", loss="logistic-r1",
+                  augment="diffaug", dihedral=True)  # fmt: skip
 BUDGETS: dict[str, dict[str, Any]] = {
     # seconds on a laptop CPU: the tests and `pipeline --budget tiny`
     "tiny": dict(resolution=32, latent_dim=64, width=1 / 32, batch_size=8, kimg=0.16,
                  tick_kimg=0.04, snapshot_kimg=0.16, checkpoint_kimg=0.08, grid_size=16,
-                 optimizer="adam", lr=0.002, g_padding="reflect"),
-    # about 10 minutes per class on a 2-core CPU (~20 img/s): the demo. Adam at the official
-    # MSG-GAN's betas learns in 12 kimg what RMSprop at 1e-4 does not; reflect padding stops
-    # the narrow generator from drawing frames at the image border (README, "Training")
+                 metric_images=64, r1_gamma=0.1, **SMALL_DATA),
+    # the CPU demo, a few minutes on 2 cores (README, "Training")
     "small": dict(resolution=64, latent_dim=128, width=1 / 16, batch_size=16, kimg=12.0,
-                  tick_kimg=0.5, snapshot_kimg=2.0, checkpoint_kimg=2.0,
-                  optimizer="adam", lr=0.002, g_padding="reflect"),
-    # the paper: 64 px, 512 channels, batch 16, RMSprop lr 1e-4; for GPUs
+                  tick_kimg=0.5, snapshot_kimg=2.0, checkpoint_kimg=2.0, metric_images=256,
+                  r1_gamma=0.1, **SMALL_DATA),
+    # the paper: 64 px, 512 channels, batch 16, WGAN-GP, RMSprop lr 1e-4; for GPUs
     "paper": dict(resolution=64, latent_dim=512, width=1.0, batch_size=16, kimg=1000.0,
-                  tick_kimg=4.0, snapshot_kimg=50.0, checkpoint_kimg=50.0,
-                  optimizer="rmsprop", lr=1e-4, g_padding="zeros"),
+                  tick_kimg=4.0, snapshot_kimg=50.0, checkpoint_kimg=50.0, metric_images=1000,
+                  optimizer="rmsprop", lr=1e-4, g_padding="zeros", loss="wgan-gp",
+                  augment="none", dihedral=False),
 }  # fmt: skip
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+METRIC_FILE = "metric-texture.jsonl"  # one line per snapshot: synthbreast/eval/quality.py
+METRIC_KEY = "kid"  # lower is better: `generate --snapshot best` picks its minimum
 
 # The paper trains with RMSprop lr 1e-4. The official MSG-GAN code uses Adam with betas
-# (0, 0.99) and a larger rate, which learns much faster per image: the CPU demo budget uses it.
+# (0, 0.99) and a larger rate, which learns much faster per image: the CPU budgets use it.
 OPTIMIZERS = {
     "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8),
@@ -79,18 +89,44 @@ def apply_budget(config: TrainGANConfig, budget: str | None) -> TrainGANConfig:
     return replace(config, budget=budget, **BUDGETS[budget])
 
 
-def model_config(config: TrainGANConfig) -> MSGGANConfig:
-    return MSGGANConfig(
-        resolution=config.resolution,
-        latent_dim=config.latent_dim,
-        width=config.width,
-        g_padding=config.g_padding,
-    )
+def validate(config: TrainGANConfig) -> GANSpec:
+    """Every choice by name checked before any work; returns the model's spec."""
+    choices = {
+        "--mixed-precision": (config.mixed_precision, MIXED_PRECISION),
+        "--optimizer": (config.optimizer, tuple(OPTIMIZERS)),
+        "--loss": (config.loss, LOSSES),
+        "--augment": (config.augment, AUGMENTS),
+        "--model": (config.model, tuple(MODELS)),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{flag} {value!r} unknown; choose from {', '.join(allowed)}")
+    spec = get_model(config.model)
+    if spec.conditional and config.class_label is not None:
+        raise UserError(
+            f"--model {spec.name} trains every class in one model: drop --class "
+            f"{config.class_label}, or use --model msggan for one model per class"
+        )
+    return spec
+
+
+def model_config(config: TrainGANConfig, spec: GANSpec, num_classes: int) -> Any:
+    try:
+        return spec.config_type(
+            resolution=config.resolution,
+            latent_dim=config.latent_dim,
+            width=config.width,
+            g_padding=config.g_padding,
+            g_upsample=config.g_upsample,
+            num_classes=num_classes if spec.conditional else 0,
+        )
+    except ValueError as err:
+        raise UserError(f"model settings: {err}") from None
 
 
 def run_description(config: TrainGANConfig) -> str:
     label = "all" if config.class_label is None else f"class{config.class_label}"
-    return f"msggan-{config.pool}-{label}-{config.resolution}px"
+    return f"{config.model}-{config.pool}-{label}-{config.resolution}px"
 
 
 def choose_run_dir(config: TrainGANConfig) -> tuple[Path, Path | None]:
@@ -146,8 +182,45 @@ def real_batches(
                 yield sample["image"], epoch, index + 1
             index += 1
         if index == 0:
-            raise UserError("this process's shards hold fewer images than one batch")
+            raise UserError(
+                "this process's shards hold fewer images than one batch"
+                + ("" if dataset.classes is None else f" of class {sorted(dataset.classes)}")
+                + ": lower --batch-size or the number of processes"
+            )
         epoch, skip = epoch + 1, 0
+
+
+def batch_shares(batch: int, groups: int) -> list[int]:
+    """Split a batch into `groups` near-equal parts (16 over 3 classes: 6, 5, 5)."""
+    return [batch // groups + (1 if i < batch % groups else 0) for i in range(groups)]
+
+
+class RealStreams:
+    """The real batches of one rank: one stream per class for a conditional model (each batch
+    holds every class in equal shares), else one stream. `positions` resume each exactly."""
+
+    def __init__(self, config: TrainGANConfig, paths, class_groups, per_rank, positions):
+        self.labels = class_groups
+        shares = batch_shares(per_rank, len(class_groups))
+        workers = config.workers if len(class_groups) == 1 else min(config.workers, 1)
+        self.positions = [list(p) for p in positions]
+        transform = image_transform(config.resolution)
+        self.streams = []
+        for i, (classes, share) in enumerate(zip(class_groups, shares, strict=True)):
+            dataset = ShardDataset(
+                paths, classes=classes, shuffle=True, seed=config.seed + i, transform=transform
+            )
+            self.streams.append(real_batches(dataset, share, workers, *self.positions[i]))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for i, stream in enumerate(self.streams):
+            batch, epoch, index = next(stream)
+            self.positions[i] = [epoch, index]
+            images.append(batch)
+            group = self.labels[i]
+            labels.append(torch.full((len(batch),), group[0] if group else -1))
+        return torch.cat(images), torch.cat(labels)
 
 
 # --- the distributed pieces ------------------------------------------------------------
@@ -205,7 +278,7 @@ def set_rng_state(state: dict[str, Any], latent_rng: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_compatible(saved: dict[str, Any], model: MSGGANConfig, path: Path) -> None:
+def check_compatible(saved: dict[str, Any], model: Any, path: Path) -> None:
     if saved != model.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.to_dict().items() if saved.get(k) != v}
         raise UserError(
@@ -215,17 +288,47 @@ def check_compatible(saved: dict[str, Any], model: MSGGANConfig, path: Path) -> 
         )
 
 
+# Settings a resumed run must share with its checkpoint: another value would silently train
+# another model (or another class) under the old run's name.
+RESUME_FIELDS = ("model", "class_label", "optimizer", "loss", "augment", "pool")
+
+
+def check_resume(saved: dict[str, Any], config: TrainGANConfig, path: Path) -> None:
+    legacy = {"model": "msggan", "optimizer": "rmsprop", "loss": "wgan-gp", "augment": "none"}
+    for name in RESUME_FIELDS:
+        before = saved.get(name, legacy.get(name))
+        now = getattr(config, name)
+        if before != now:
+            flag = "--class" if name == "class_label" else f"--{name.replace('_', '-')}"
+            raise UserError(
+                f"checkpoint {path} was trained with {flag} {before}, this run asks for {now}: "
+                "resume with the same setting, or start a new run without --resume"
+            )
+
+
+# --- the quality metric at every snapshot ------------------------------------------------
+
+
+def best_metric_step(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """(step, line) of the snapshot with the lowest METRIC_KEY whose checkpoint exists."""
+    path = Path(run_dir) / METRIC_FILE
+    if not path.is_file():
+        return None
+    have = {int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir)}
+    lines = [json.loads(t) for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    lines = [line for line in lines if line["step"] in have and line.get(METRIC_KEY) is not None]
+    if not lines:
+        return None
+    best = min(lines, key=lambda line: line[METRIC_KEY])
+    return best["step"], best
+
+
 # --- the loop --------------------------------------------------------------------------
 
 
 def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     """Train; returns the run folder. `progress_print` gets one line per tick (main process)."""
-    if config.mixed_precision not in MIXED_PRECISION:
-        raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
-    if config.optimizer not in OPTIMIZERS:
-        raise UserError(
-            f"--optimizer {config.optimizer!r} unknown; choose from {', '.join(OPTIMIZERS)}"
-        )
+    spec = validate(config)
     # cpu=True without a GPU: only then does accelerate take a torchrun launch as multi-CPU
     # (gloo) instead of N independent single processes
     accelerator = Accelerator(
@@ -237,26 +340,33 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     main = accelerator.is_main_process
     device = accelerator.device
 
-    # Data: this rank's share of the pool's shards.
+    # Data: this rank's share of the pool's shards; the class groups of the real streams.
     shards = Path(config.shards)
     manifest = load_manifest(shards)
-    classes = None if config.class_label is None else [config.class_label]
+    num_classes = len(manifest["source"]["class_names"])
     paths = pool_shards(shards, manifest, config.pool)  # a clear error for an unknown pool
-    if pool_count(manifest, config.pool, classes) == 0:
-        what = "images" if classes is None else f"images of class {config.class_label}"
-        raise UserError(
-            f"pool {config.pool!r} of {shards} has no {what}: "
-            f"classes there: {manifest['pools'][config.pool]['counts']}"
-        )
+    if spec.conditional:
+        groups: list[list[int] | None] = [[c] for c in range(num_classes)]
+    else:
+        groups = [None if config.class_label is None else [config.class_label]]
+    for group in groups:
+        if pool_count(manifest, config.pool, group) == 0:
+            what = "images" if group is None else f"images of class {group[0]}"
+            raise UserError(
+                f"pool {config.pool!r} of {shards} has no {what}: "
+                f"classes there: {manifest['pools'][config.pool]['counts']}"
+            )
     if len(paths) < world:
         raise UserError(
             f"pool {config.pool!r} has {len(paths)} shards for {world} processes: "
             "re-ingest with --min-shards at least the number of processes"
         )
-    dataset = ShardDataset(
-        paths, classes=classes, shuffle=True, seed=config.seed,
-        transform=image_transform(config.resolution),
-    )  # fmt: skip
+    per_rank = config.batch_size // world
+    if per_rank < len(groups):
+        raise UserError(
+            f"--batch-size {config.batch_size} over {world} processes leaves {per_rank} images "
+            f"for {len(groups)} classes: raise --batch-size"
+        )
 
     # Run folder and resume point, decided on the main process and shared.
     choice = [str(p) if p else None for p in choose_run_dir(config)]
@@ -266,8 +376,8 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     # Models: the same seed on every rank gives the same initial weights.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = model_config(config)
-    G, D = Generator(model).to(device), Discriminator(model).to(device)
+    model = model_config(config, spec, num_classes)
+    G, D = spec.generator(model).to(device), spec.discriminator(model).to(device)
     G_ema = make_ema(G)
     opt_G = make_optimizer(config.optimizer, G.parameters(), config.lr)
     opt_D = make_optimizer(config.optimizer, D.parameters(), config.lr)
@@ -276,31 +386,40 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     grid_z = torch.randn(
         config.grid_size, config.latent_dim, generator=torch.Generator().manual_seed(config.seed)
     )
-    step, epoch, batch_index, history = 0, 0, 0, []
+    # a conditional grid shows each class in its own block of rows
+    grid_labels = (
+        torch.arange(config.grid_size) * num_classes // config.grid_size
+        if spec.conditional
+        else None
+    )
+    losses = LossSettings(config.gp_weight, config.drift, config.r1_gamma, config.r1_interval)
+    ada = AdaptiveP(config.batch_size) if config.augment == "ada" else None
+    step, history = 0, []
+    positions = [[0, 0] for _ in groups]
 
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         state = ckpt["state"]
         check_compatible(state["model"], model, ckpt["path"])
-        saved_optimizer = state["config"].get("optimizer", "rmsprop")
-        if saved_optimizer != config.optimizer:
-            raise UserError(
-                f"checkpoint {ckpt['path']} was trained with --optimizer {saved_optimizer}: "
-                f"resume with the same optimizer, or start a new run without --resume"
-            )
+        check_resume(state["config"], config, ckpt["path"])
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         G_ema.load_state_dict(state["G_ema"])
         opt_G.load_state_dict(state["optG"])
         opt_D.load_state_dict(state["optD"])
         step = state["step"]
-        positions = state["data"]
-        if len(positions) == world:
-            epoch, batch_index = positions[rank]
+        saved = state["data"]
+        # [epoch, index] per stream per rank; checkpoints before class streams: one per rank
+        saved = [p if isinstance(p[0], list) else [p] for p in saved]
+        if len(saved) == world and len(saved[rank]) == len(groups):
+            positions = saved[rank]
         else:  # another number of processes: start a fresh epoch, the position is per rank
-            epoch, batch_index = max(p[0] for p in positions) + 1, 0
+            fresh = max(p[0] for rank_positions in saved for p in rank_positions) + 1
+            positions = [[fresh, 0] for _ in groups]
         if len(state["rng"]) == world:
             set_rng_state(state["rng"][rank], latent_rng)
+        if ada is not None and "ada" in state:
+            ada.load(state["ada"])
         history = state.get("history", [])
         if main:
             progress_print(f"resumed from {ckpt['path']} at step {step}")
@@ -310,25 +429,45 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
         save_config(config, run_dir / "config.json")
         if resume_from is not None:  # ticks logged after the checkpoint will be logged again
             truncate_stats(run_dir / "stats.jsonl", step)
+            truncate_stats(run_dir / METRIC_FILE, step)
+    metric = None
+    if main and config.metric_images > 0:
+        from synthbreast.eval.quality import GeneratorQuality
+
+        labels = [None if g is None else g[0] for g in groups]
+        metric = GeneratorQuality(
+            paths, labels, config.metric_images, config.latent_dim, config.seed
+        )
     accelerator.wait_for_everyone()
 
-    per_rank = config.batch_size // world
     total_steps = math.ceil(config.kimg * 1000 / config.batch_size)
 
     def steps_of(kimg: float) -> int:
         return max(1, round(kimg * 1000 / config.batch_size))
 
-    reals = real_batches(dataset, per_rank, config.workers, epoch, batch_index)
+    reals = RealStreams(config, paths, groups, per_rank, positions)
     stop = StopSignals()
     tick_start, tick_images = time.perf_counter(), 0
-    scales = model.scales()
 
-    def checkpoint() -> None:
+    def critic(labels):
+        """D as the losses call it: on augmented inputs (fresh parameters per call, as
+        DiffAugment draws them for real and fake apart), with the batch's labels."""
+        p = 1.0 if config.augment == "diffaug" else ada.p if ada is not None else 0.0
+
+        def score(scales):
+            if p > 0:
+                scales = Augment(len(scales[0]), p, latent_rng)(scales)
+            return D(scales, labels)
+
+        return score
+
+    def checkpoint(protect: int | None = None) -> None:
         # every rank's data position and RNG state, so that each resumes exactly
-        positions = accelerator.gather_for_metrics([[epoch, batch_index]], use_gather_object=True)
+        all_positions = accelerator.gather_for_metrics([reals.positions], use_gather_object=True)
         rngs = accelerator.gather_for_metrics([rng_state(latent_rng)], use_gather_object=True)
         if main:
             state = {
+                "model_name": spec.name,
                 "config": asdict(config),
                 "model": model.to_dict(),
                 "G": G.state_dict(),
@@ -338,38 +477,47 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
                 "optD": opt_D.state_dict(),
                 "step": step,
                 "kimg": step * config.batch_size / 1000,
-                "data": positions,
+                "data": all_positions,
                 "rng": rngs,
                 "history": history,
             }
-            save_checkpoint(run_dir, step, state)
+            if ada is not None:
+                state["ada"] = ada.state()
+            save_checkpoint(run_dir, step, state, protect=protect)
         accelerator.wait_for_everyone()
 
     while step < total_steps:
-        # --- discriminator step: G under no_grad, gradient penalty inside the loss
-        real, epoch, batch_index = next(reals)
-        real_scales = image_pyramid(real.to(device), scales)
+        # --- discriminator step: G under no_grad, the loss's penalty inside it
+        real, labels = reals.next()
+        real = real.to(device)
+        if config.dihedral:
+            real = dihedral(real, latent_rng)
+        labels = labels.to(device) if spec.conditional else None
+        real_in = spec.real_input(real, model)
         requires_grad(D, True)
         z = torch.randn(per_rank, config.latent_dim, generator=latent_rng).to(device)
         alpha = torch.rand(per_rank, generator=latent_rng).to(device)
         with torch.no_grad(), accelerator.autocast():
-            fake_scales = G(z)
+            fake_in = G(z, labels)
         with accelerator.autocast():
-            d_loss, d_stats = discriminator_loss(
-                D, real_scales, fake_scales, config.gp_weight, config.drift, alpha=alpha
+            loss_d, d_stats = d_loss(
+                config.loss, critic(labels), real_in, fake_in, losses, step, alpha=alpha
             )
         opt_D.zero_grad(set_to_none=True)
-        accelerator.backward(d_loss)
+        accelerator.backward(loss_d)
         average_gradients(D, accelerator)
         opt_D.step()
+        if ada is not None:  # every rank moves p by the same, averaged r_t
+            sign = torch.tensor([d_stats["real_sign"]], device=device)
+            ada.observe(accelerator.reduce(sign, reduction="mean") if world > 1 else sign)
 
         # --- generator step: D frozen, so its weight gradients are not computed
         requires_grad(D, False)
         z = torch.randn(per_rank, config.latent_dim, generator=latent_rng).to(device)
         with accelerator.autocast():
-            g_loss, g_stats = generator_loss(D, G(z))
+            loss_g, g_stats = g_loss(config.loss, critic(labels), G(z, labels))
         opt_G.zero_grad(set_to_none=True)
-        accelerator.backward(g_loss)
+        accelerator.backward(loss_g)
         average_gradients(G, accelerator)
         opt_G.step()
         # EMA half-life ramps up with training, as in StyleGAN2-ADA (ema_rampup 0.05)
@@ -379,7 +527,7 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
         step += 1
         tick_images += config.batch_size
 
-        # --- log, snapshot, checkpoint, stop on a signal
+        # --- log, snapshot (grid, metric, checkpoint), checkpoint, stop on a signal
         done = step >= total_steps
         if step % steps_of(config.tick_kimg) == 0 or done:
             seconds = time.perf_counter() - tick_start
@@ -390,6 +538,8 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
                 "processes": world,
                 **{k: round(float(v), 5) for k, v in {**d_stats, **g_stats}.items()},
             }
+            if ada is not None:
+                line["augment_p"] = round(ada.p, 4)
             if torch.cuda.is_available():
                 line["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             history.append(line)
@@ -397,11 +547,21 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
                 progress_print(line)
                 _append_jsonl(run_dir / "stats.jsonl", line)
             tick_start, tick_images = time.perf_counter(), 0
-        if main and (step % steps_of(config.snapshot_kimg) == 0 or done):
-            write_grid(G_ema, grid_z, device, run_dir / "samples" / f"fakes-{step:09d}.png")
+        snapshot = step % steps_of(config.snapshot_kimg) == 0 or done
+        if main and snapshot:
+            path = run_dir / "samples" / f"fakes-{step:09d}.png"
+            write_grid(G_ema, grid_z, grid_labels, device, path)
+            if metric is not None:
+                measured = time.perf_counter()
+                found = metric(G_ema, device)
+                found = {"step": step, "kimg": round(step * config.batch_size / 1000, 3),
+                         **found, "seconds": round(time.perf_counter() - measured, 2)}  # fmt: skip
+                _append_jsonl(run_dir / METRIC_FILE, found)
+                progress_print(metric_text(found))
         stopping = any_rank(stop.received is not None, accelerator)
-        if step % steps_of(config.checkpoint_kimg) == 0 or done or stopping:
-            checkpoint()
+        if snapshot or step % steps_of(config.checkpoint_kimg) == 0 or stopping:
+            best = best_metric_step(run_dir) if metric is not None else None
+            checkpoint(protect=best[0] if best else None)
         if stopping and not done:
             if main:
                 progress_print(
@@ -413,6 +573,16 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     return run_dir
 
 
+def metric_text(line: dict[str, Any]) -> str:
+    """'snapshot 2.000 kimg: kid 3.1 recall 0.41 ... [class 1 collapsed: ...]'."""
+    keys = ("kid", "precision", "recall", "coverage", "diversity")
+    parts = [f"{k} {line[k]:.3g}" for k in keys if line.get(k) is not None]
+    text = f"snapshot {line['kimg']:.3f} kimg (texture features): " + "  ".join(parts)
+    for label, reasons in line.get("collapsed", {}).items():
+        text += f"  [class {label} collapsed: {'; '.join(reasons)}]"
+    return text
+
+
 class TrainingInterrupted(Exception):
     """A stop signal arrived; the state is checkpointed. The CLI exits with 143 (SIGTERM)."""
 
@@ -422,14 +592,19 @@ class TrainingInterrupted(Exception):
 
 
 @torch.no_grad()
-def write_grid(G: torch.nn.Module, z: torch.Tensor, device, path: Path) -> None:
-    images = G(z.to(device))[-1].float().clamp(-1, 1)
+def write_grid(G: torch.nn.Module, z: torch.Tensor, labels, device, path: Path) -> None:
+    labels = None if labels is None else labels.to(device)
+    images = G.sample(z.to(device), labels).float().clamp(-1, 1)
     pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    save_png(make_grid(list(pixels), scale=2), path)
+    title = None
+    if labels is not None:
+        classes = sorted(set(labels.tolist()))
+        title = "rows by class: " + ", ".join(f"class {c}" for c in classes)
+    save_png(make_grid(list(pixels), scale=2, title=title), path)
 
 
 def truncate_stats(path: Path, step: int) -> None:
-    """Keep the tick lines up to `step`: a resumed run repeats the steps after its checkpoint."""
+    """Keep the lines up to `step`: a resumed run repeats the steps after its checkpoint."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
