@@ -45,9 +45,9 @@ from synthbreast.data.shards import (
 )
 from synthbreast.errors import UserError
 from synthbreast.fileio import read_json, sha256_file
-from synthbreast.models.msggan import Generator, MSGGANConfig
+from synthbreast.models.registry import LEGACY_MODEL, MODELS, build_config
 from synthbreast.progress import console
-from synthbreast.train.checkpoint import load_checkpoint
+from synthbreast.train.checkpoint import checkpoint_paths, list_checkpoints, load_checkpoint
 
 POOL = "synthetic"
 CONFIG = "config.json"
@@ -64,6 +64,8 @@ IDENTITY_FIELDS = (
     "output_size",
     "batch_size",
 )
+QUALITY_IMAGES = 500  # generated images the collapse check compares with the real ones
+QUALITY_REAL = 2000  # real images of the class, at most (the GAN's pool)
 
 
 def shard_name(shard: int) -> str:
@@ -185,8 +187,41 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {clean(k): v for k, v in state_dict.items()}
 
 
-def load_generator(checkpoint: str | Path) -> tuple[Generator, dict[str, Any]]:
-    """G_ema of a checkpoint (verified by checksum, never unpickled) and facts about it."""
+def choose_snapshot(checkpoint: str | Path, snapshot: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to generate from, and why: `best` (the run's lowest snapshot metric,
+    else its latest checkpoint), `latest`, or a step number. A ckpt-*.json is taken as it is."""
+    from synthbreast.train.checkpoint import resolve_checkpoint
+    from synthbreast.train.gan import METRIC_FILE, METRIC_KEY, best_metric_step
+
+    path = Path(checkpoint)
+    if path.is_file() or path.suffix in (".json", ".safetensors"):
+        return path, {"snapshot": "given", "checkpoint": str(path)}
+    run = resolve_checkpoint(path).parent.parent  # a run folder, or an outdir of one run
+    if snapshot == "latest":
+        return list_checkpoints(run)[-1], {"snapshot": "latest"}
+    if snapshot == "best":
+        best = best_metric_step(run)
+        if best is None:
+            return list_checkpoints(run)[-1], {
+                "snapshot": "latest",
+                "why": f"no {METRIC_FILE} line with a checkpoint in {run}",
+            }
+        step, line = best
+        metric = {k: line.get(k) for k in ("kid", "precision", "recall", "coverage", "diversity")}
+        chosen = {"snapshot": "best", "by": f"lowest {METRIC_KEY} in {METRIC_FILE}", **metric}
+        return checkpoint_paths(run, step)[1], chosen
+    if not snapshot.isdigit():
+        raise UserError(f"--snapshot {snapshot!r}: give best, latest or a step number")
+    wanted = checkpoint_paths(run, int(snapshot))[1]
+    if not wanted.is_file():
+        steps = ", ".join(str(int(p.stem.split("-")[1])) for p in list_checkpoints(run))
+        raise UserError(f"--snapshot {snapshot}: {run} has checkpoints of steps {steps} only")
+    return wanted, {"snapshot": "step"}
+
+
+def load_generator(checkpoint: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """G_ema of a checkpoint (verified by checksum, never unpickled), rebuilt from the model
+    name and config the checkpoint records alone, and facts about it."""
     loaded = load_checkpoint(Path(checkpoint))
     json_path = Path(loaded["path"]).resolve()
     state = loaded["state"]
@@ -195,9 +230,16 @@ def load_generator(checkpoint: str | Path) -> tuple[Generator, dict[str, Any]]:
             f"{json_path} is not a GAN checkpoint (no 'model' and 'G_ema'): "
             "give a run folder of `synthbreast train-gan`"
         )
+    name = state.get("model_name", LEGACY_MODEL)  # written before the registry: MSG-GAN
+    if name not in MODELS:
+        raise UserError(
+            f"{json_path} was trained with model {name!r}, which this synthbreast does not "
+            f"know (models: {', '.join(MODELS)}): use the synthbreast version that trained it"
+        )
+    spec = MODELS[name]
     try:
-        model_config = MSGGANConfig.from_dict(state["model"])
-        G = Generator(model_config)
+        model_config = build_config(spec, state["model"])
+        G = spec.generator(model_config)
         G.load_state_dict(_strip_prefixes(state["G_ema"]))
     except (ValueError, TypeError, RuntimeError) as err:
         raise UserError(f"{json_path}: the generator cannot be rebuilt from it ({err})") from err
@@ -208,9 +250,75 @@ def load_generator(checkpoint: str | Path) -> tuple[Generator, dict[str, Any]]:
         "step": loaded["step"],
         "kimg": state.get("kimg"),
         "train_config": state.get("config") or {},
+        "model_name": name,
         "model": model_config.to_dict(),
     }
     return G, info
+
+
+def generated_label(config: GenerateConfig, G: torch.nn.Module, checkpoint: dict) -> int:
+    """The label the images get: --class for a conditional model (required), else the class
+    the model was trained on (a different --class is refused: it would mislabel every image)."""
+    trained = checkpoint["train_config"].get("class_label")
+    where = checkpoint["path"]
+    if G.config.num_classes:
+        if config.class_label is None:
+            raise UserError(
+                f"{where} is a conditional model of {G.config.num_classes} classes: say which "
+                f"class to draw with --class 0..{G.config.num_classes - 1}"
+            )
+        if not 0 <= config.class_label < G.config.num_classes:
+            raise UserError(
+                f"--class {config.class_label} unknown: {where} draws classes "
+                f"0..{G.config.num_classes - 1}"
+            )
+        return config.class_label
+    if trained is None and config.class_label is None:
+        raise UserError(
+            f"{where} was trained on every class: say which label the images get "
+            "with --class 0 or --class 1"
+        )
+    if trained is not None and config.class_label not in (None, trained):
+        raise UserError(
+            f"{where} was trained on class {trained} alone: its images are class {trained}, "
+            f"not {config.class_label}; drop --class or give the class-{config.class_label} run"
+        )
+    return trained if trained is not None else config.class_label
+
+
+def check_quality(
+    G: torch.nn.Module, device: torch.device, checkpoint: dict[str, Any], label: int
+) -> dict[str, Any]:
+    """The collapse check (synthbreast/eval/quality.py) of this class's images against the
+    GAN's own training pool; a note instead where those shards are no longer readable."""
+    from synthbreast.data.shards import pool_shards
+    from synthbreast.eval.quality import GeneratorQuality
+
+    train = checkpoint["train_config"]
+    try:
+        root = Path(train["shards"])
+        paths = pool_shards(root, load_manifest(root), train.get("pool", "gan"))
+        reference = None if not G.config.num_classes and train.get("class_label") is None else label
+        measure = GeneratorQuality(paths, [reference], QUALITY_IMAGES, G.config.latent_dim)
+    except (KeyError, UserError, OSError, ValueError) as err:
+        return {"checked": False, "why": f"the GAN's training shards are not readable ({err})"}
+    found = measure(G, device)
+    return {"checked": True, "features": "texture", "images": QUALITY_IMAGES, **found}
+
+
+def warn_if_collapsed(quality: dict[str, Any], out: Path) -> None:
+    from synthbreast.eval.quality import REMEDY
+
+    if not quality.get("collapsed"):
+        return
+    for label, reasons in quality["collapsed"].items():
+        console.print(
+            f"[bold red]WARNING: the generator has COLLAPSED (class {label}): "
+            f"{'; '.join(reasons)}.[/] The images in {out} are not a synthetic twin of the "
+            f"real data and every number computed from them is meaningless. Remedy: {REMEDY}.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def training_source(train_config: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +350,7 @@ def encode_png(pixels: np.ndarray, size: int) -> bytes:
 
 
 def shard_samples(
-    G: Generator,
+    G: torch.nn.Module,
     device: torch.device,
     config: GenerateConfig,
     shard: int,
@@ -255,8 +363,10 @@ def shard_samples(
     latents = shard_latents(config.seed, shard, config.per_shard, G.config.latent_dim)
     seed = shard_seed(config.seed, shard)
     for start in range(0, config.per_shard, config.batch_size):
+        z = latents[start : start + config.batch_size].to(device)
+        labels = torch.full((len(z),), label, device=device) if G.config.num_classes else None
         with torch.no_grad():
-            images = G(latents[start : start + config.batch_size].to(device))[-1]
+            images = G.sample(z, labels)
         for offset, pixels in enumerate(to_uint8(images)):
             index = start + offset
             meta = {
@@ -328,6 +438,8 @@ def new_manifest(
             "checkpoint_path": checkpoint["path"],
             "checkpoint_step": checkpoint["step"],
             "checkpoint_kimg": checkpoint["kimg"],
+            "snapshot": checkpoint.get("snapshot"),
+            "model_name": checkpoint.get("model_name"),
             "model": checkpoint["model"],
             "training_shards": checkpoint["train_config"].get("shards"),
         },
@@ -344,6 +456,8 @@ def new_manifest(
         },
         "shards": [],
         "totals": {"images": config.shards * per_shard},
+        # the collapse check of synthbreast/eval/quality.py; `pipeline` and `report` read it
+        "quality": checkpoint.get("quality", {"checked": False}),
     }
 
 
@@ -431,16 +545,11 @@ def run_generate(
     mine = shards_for_process(config, env)
     rank, world = process_rank(env)
 
-    # The generator and the job it defines.
-    G, checkpoint = load_generator(config.checkpoint)
-    label = config.class_label
-    if label is None:
-        label = checkpoint["train_config"].get("class_label")
-    if label is None:
-        raise UserError(
-            f"{checkpoint['path']} was trained on every class: say which label the images get "
-            "with --class 0 or --class 1"
-        )
+    # The generator (the snapshot asked for) and the job it defines.
+    chosen_path, snapshot = choose_snapshot(config.checkpoint, config.snapshot)
+    G, checkpoint = load_generator(chosen_path)
+    checkpoint["snapshot"] = snapshot
+    label = generated_label(config, G, checkpoint)
     size = config.output_size or G.config.resolution
     job = job_identity(config, checkpoint["sha256"], label, size)
     checkpoint["training_source"] = training_source(checkpoint["train_config"])
@@ -455,11 +564,15 @@ def run_generate(
     # oneDNN's layout (27% of G's time); channels_last ran G 1.6x faster (width 0.125, 64 px)
     G.to(device, memory_format=torch.channels_last)
 
-    # The manifest: created by the first process, checked by the others.
+    # The manifest: created by the first process (with the collapse check), checked by the
+    # others; every process repeats the check's verdict.
     out.mkdir(parents=True, exist_ok=True)
     with manifest_lock(out):
+        if not (out / MANIFEST).is_file():
+            checkpoint["quality"] = check_quality(G, device, checkpoint, label)
         manifest = open_manifest(out, config, job, checkpoint)
         save_config(config, out / CONFIG)
+    warn_if_collapsed(manifest.get("quality", {}), out)
     listed = {s["name"]: s for s in manifest["shards"]}
     todo = [i for i in mine if not shard_complete(out, listed.get(shard_name(i)))]
     skipped = len(mine) - len(todo)
