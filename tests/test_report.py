@@ -1,10 +1,12 @@
 """`synthbreast report` on a RUNS folder written by hand: the report reads only files, so the
 files of three successful scenarios, one failed and one missing, a GAN run, real demo shards
-and a synthetic shard are all it needs."""
+and a synthetic shard are all it needs. Its banners (a collapsed generator, a domain gap) come
+from the same kind of files: a synthetic manifest's `quality`, the scenarios' metrics.json."""
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import re
@@ -21,14 +23,70 @@ from typer.testing import CliRunner
 from synthbreast.cli import app
 from synthbreast.config import GenerateConfig, TrainGANConfig, to_dict
 from synthbreast.data.shards import Sample, save_manifest, write_shard
+from synthbreast.eval.quality import REMEDY
 from synthbreast.fileio import atomic_write_json, sha256_file
 from synthbreast.generate import new_manifest, shard_name
+from synthbreast.report.collect import METRIC_FILE
 from synthbreast.report.render import NOT_COMPARABLE, SECTIONS
 from synthbreast.report.svg import Series, line_plot, nice_ticks
 
 OK_SCENARIOS = {"real-real": 0.7, "synth-synth": 0.95, "real-synth": 0.6}
 FAILED_SCENARIO, MISSING_SCENARIO = "synth-real", "real+synth-real"
 ERROR = "RuntimeError: out of memory in the test"
+GAN_RUN = "00000-msggan-gan-class1-32px"
+# generate's collapse check (the manifest's `quality`) of a fine set and of a collapsed one
+HEALTHY = {
+    "checked": True,
+    "features": "texture",
+    "images": 500,
+    "kid": 12.3,
+    "precision": 0.8,
+    "recall": 0.4,
+    "coverage": 0.5,
+    "diversity": 0.9,
+    "classes": {"1": {"kid": 12.3, "recall": 0.4, "diversity": 0.9}},
+    "collapsed": {},
+}
+REASONS = [
+    "diversity 0.01 of the real images' (collapse below 0.25)",
+    "recall 0.00 (collapse below 0.05)",
+]
+COLLAPSED = {
+    **HEALTHY,
+    "kid": 57.3,
+    "recall": 0.0,
+    "diversity": 0.01,
+    "classes": {"1": {"kid": 57.3, "recall": 0.0, "diversity": 0.01}},
+    "collapsed": {"1": REASONS},
+}
+SNAPSHOT = {"snapshot": "best", "by": f"lowest kid in {METRIC_FILE}", "kid": 41.0}
+# metric-texture.jsonl of the GAN run: a collapsed start, a better snapshot, a torn last line
+METRIC_LINES = [
+    {
+        "step": 5,
+        "kimg": 0.08,
+        "kid": 57.3,
+        "precision": 0.0,
+        "recall": 0.0,
+        "coverage": 0.0,
+        "diversity": 0.007,
+        "classes": {"1": {"kid": 57.3, "diversity": 0.007}},
+        "collapsed": {"1": REASONS},
+        "seconds": 2.1,
+    },
+    {
+        "step": 10,
+        "kimg": 0.16,
+        "kid": 41.0,
+        "precision": 0.5,
+        "recall": 0.3,
+        "coverage": 0.4,
+        "diversity": 0.8,
+        "classes": {"1": {"kid": 41.0, "diversity": 0.8}},
+        "collapsed": {},
+        "seconds": 2.0,
+    },
+]
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -37,14 +95,21 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_synthetic(folder: Path, label: int, count: int = 20) -> Path:
-    """A generate-style output: one shard of flat-coloured 50x50 patches and its manifest."""
+def write_synthetic(
+    folder: Path,
+    label: int,
+    count: int = 20,
+    quality: dict | None = HEALTHY,
+    checkpoint_path: str = "gan/run/ckpt.json",
+) -> Path:
+    """A generate-style output: one shard of flat-coloured 50x50 patches and its manifest
+    (`quality` None: a manifest written before generate checked for collapse)."""
     folder.mkdir(parents=True)
     config = GenerateConfig(checkpoint="gan/run", out=str(folder), shards=1, per_shard=count)
     job = {"class_label": label, "output_size": 50, "seed": 0, "shards": 1, "per_shard": count}
     checkpoint = {
         "sha256": "c" * 64,
-        "path": "gan/run/ckpt.json",
+        "path": checkpoint_path,
         "step": 10,
         "kimg": 0.16,
         "model": {},
@@ -52,6 +117,12 @@ def write_synthetic(folder: Path, label: int, count: int = 20) -> Path:
         "training_source": {"demo": True},
     }
     manifest = new_manifest(config, job, checkpoint)
+    manifest["source"].update(
+        snapshot=SNAPSHOT, checkpoint_path=checkpoint_path, checkpoint_step=checkpoint["step"]
+    )
+    manifest.pop("quality", None)
+    if quality is not None:
+        manifest["quality"] = quality
     rng = np.random.default_rng(label)
     samples = [
         Sample(
@@ -119,10 +190,16 @@ def metrics(scenario: str, accuracy: float, manifests: list[dict], weights: str)
     }
 
 
-def write_runs(runs: Path, demo_shards: Path) -> Path:
+def write_runs(runs: Path, demo_shards: Path, quality: dict | None = HEALTHY) -> Path:
     shards = runs / "shards"
     shutil.copytree(demo_shards, shards)
-    synthetic = write_synthetic(runs / "synthetic" / "class1", label=1)
+    gan = runs / "gan" / GAN_RUN
+    synthetic = write_synthetic(
+        runs / "synthetic" / "class1",
+        label=1,
+        quality=quality,
+        checkpoint_path=str(gan / "checkpoints" / "ckpt-000000010.json"),
+    )
     real_manifest = {
         "path": str(shards / "manifest.json"),
         "sha256": sha256_file(shards / "manifest.json"),
@@ -150,7 +227,6 @@ def write_runs(runs: Path, demo_shards: Path) -> Path:
         {"scenario": FAILED_SCENARIO, "task_id": 3, "error": ERROR, "when": "2024-01-01T00:00:00"},
     )
 
-    gan = runs / "gan" / "00000-msggan-gan-class1-32px"
     (gan / "samples").mkdir(parents=True)
     atomic_write_json(
         gan / "config.json", to_dict(TrainGANConfig(shards=str(shards), class_label=1))
@@ -160,6 +236,8 @@ def write_runs(runs: Path, demo_shards: Path) -> Path:
         for s in range(1, 11)
     ]
     (gan / "stats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    metric_text = "".join(json.dumps(line) + "\n" for line in METRIC_LINES)
+    (gan / METRIC_FILE).write_text(metric_text + '{"step": 15, "kimg": 0.2')
     fakes = np.zeros((66, 66, 3), np.uint8)
     fakes[::2] = 200
     (gan / "samples" / "fakes-000000010.png").write_bytes(png(fakes))
@@ -297,7 +375,7 @@ def test_report_html_is_valid_and_self_contained(report):
     assert len(checker.img_srcs) == 4  # real class 0 and 1, synthetic class 1, GAN snapshot
     assert all(src.startswith("data:image/png;base64,") for src in checker.img_srcs)
     svgs = re.findall(r"<svg\b.*?</svg>", text, flags=re.S)
-    assert len(svgs) == 2  # ROC and one GAN run's losses
+    assert len(svgs) == 4  # ROC and one GAN run's losses, kid and diversity
     for svg in svgs:
         ET.fromstring(svg)
     roc = ET.fromstring(svgs[0])
@@ -386,3 +464,157 @@ def test_report_of_a_started_run_without_a_result(tmp_path):
     assert "missing: " in rows["synth-synth"] and "no metrics.json" in rows["synth-synth"]
     assert all("no run folder found" in rows[name] for name in rows if name != "synth-synth")
     assert "No shard folders (manifest.json) found under RUNS" in (out / "report.md").read_text()
+
+
+# --- banners and the collapse check ---------------------------------------------------------
+
+
+def report_of(runs: Path, out: Path) -> tuple[str, str]:
+    """report.md and report.html of RUNS, made by the real CLI."""
+    result = CliRunner().invoke(
+        app, ["report", str(runs), "--out", str(out), "--grid-per-class", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    return (out / "report.md").read_text(), (out / "report.html").read_text()
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"\n## {title}\n")[1].split("\n## ")[0]
+
+
+def test_a_collapsed_generator_is_announced_above_everything_synthetic(demo_shards, tmp_path):
+    runs = write_runs(tmp_path / "runs", demo_shards, quality=COLLAPSED)
+    fidelity = runs / "fidelity"
+    fidelity.mkdir()
+    atomic_write_json(
+        fidelity / "fidelity.json",
+        {
+            "schema": "synthbreast-fidelity/1",
+            "extractors": {"pixels": {"overall": {"fid": 80.0}}},
+        },
+    )
+    md, html_text = report_of(runs, tmp_path / "report")
+    banner = (
+        "> **GENERATOR COLLAPSED: the synthetic images of class 1 (`runs/synthetic/class1`) are "
+        f"collapsed: {'; '.join(REASONS)}. Every number that uses synthetic images is "
+        f"meaningless. Remedy: {REMEDY}.**"
+    )
+    # at the top, and again above the first table or figure of each section of synthetic images
+    assert md.count(banner) == 6, md.count(banner)
+    assert md.index(banner) < md.index("\n## Scenarios\n")
+    for title, first in (
+        ("Scenarios", "| scenario | train | test |"),
+        ("ROC curves", "![ROC curves"),
+        ("Confusion matrices", "*real-real*"),
+        ("Sample grids", "### Class 1"),
+        ("Fidelity", "| features | part |"),
+    ):
+        part = section(md, title)
+        assert banner in part and part.index(banner) < part.index(first), title
+    assert "COLLAPSED (class 1)" in section(md, "GAN training")
+    start = '<p class="warn">GENERATOR COLLAPSED: the synthetic images of class 1 '
+    assert html_text.count(start + "(<code>runs/synthetic/class1</code>) are collapsed") == 6
+    assert html_text.index(start) < html_text.index('id="scenarios"')
+    scenarios = html_text.split('id="scenarios"')[1]
+    assert scenarios.index(start) < scenarios.index("<th>scenario</th>")
+    assert f"Remedy: {html.escape(REMEDY)}.</p>" in html_text
+
+
+@pytest.mark.parametrize(
+    ("quality", "verdict"),
+    [
+        (None, "not checked (the manifest is older than the check)"),
+        ({"checked": False, "why": "no shards"}, "not checked: no shards"),
+    ],
+)
+def test_an_unchecked_synthetic_set_has_no_banner(demo_shards, tmp_path, quality, verdict):
+    md, html_text = report_of(write_runs(tmp_path / "runs", demo_shards, quality), tmp_path / "r")
+    assert "GENERATOR COLLAPSED" not in md and "GENERATOR COLLAPSED" not in html_text
+    assert f"| {verdict} |" in section(md, "GAN training")
+
+
+def test_a_healthy_set_has_no_banner_and_the_gan_section_shows_the_snapshot_checks(report):
+    md = (report / "report.md").read_text()
+    html_text = (report / "report.html").read_text()
+    assert "GENERATOR COLLAPSED" not in md and "GENERATOR COLLAPSED" not in html_text
+    assert "DOMAIN GAP" not in md  # synth-real failed: nothing to compare
+    gan = section(md, "GAN training")
+    # every metric-texture.jsonl line: step, kimg, kid, precision, recall, coverage,
+    # diversity, collapsed classes, and which snapshot is best and which generate drew from
+    assert "| 5 | 0.080 | 57.30 | 0.000 | 0.000 | 0.000 | 0.007 | 1 |  |" in gan
+    assert (
+        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | none | lowest kid; "
+        "generate used it: `runs/synthetic/class1` |"
+    ) in gan
+    assert f"figures/snapshots-kid-{GAN_RUN}.svg" in gan
+    assert f"figures/snapshots-diversity-{GAN_RUN}.svg" in gan
+    assert (report / "figures" / f"snapshots-diversity-{GAN_RUN}.svg").is_file()
+    # the synthetic set: the snapshot generate chose, its check's figures and the verdict
+    assert (
+        f"| `runs/synthetic/class1` | 1 | best, step 10 (lowest kid in {METRIC_FILE}) | "
+        "12.30 | 0.400 | 0.900 | ok |"
+    ) in gan
+    # the torn last line is a problem, not a traceback
+    assert f"{GAN_RUN}/{METRIC_FILE}:3: not a JSON line (skipped)" in section(md, "Provenance")
+
+
+def test_metric_file_is_the_one_training_writes():
+    from synthbreast.train.gan import METRIC_FILE as WRITTEN
+
+    assert METRIC_FILE == WRITTEN
+
+
+GAP_TEXT = (
+    "DOMAIN GAP: a classifier trained on real images separates the synthetic classes perfectly "
+    "(real-synth 1.000) while one trained on synthetic images does poorly on real ones "
+    "(synth-real balanced accuracy 0.51 vs real-real 0.78): the synthetic classes are easy "
+    "caricatures, not a twin of the real ones."
+)
+
+
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        # scenario -> (accuracy, balanced accuracy)
+        (
+            {"real-real": (0.79, 0.78), "real-synth": (1.0, 1.0), "synth-real": (0.52, 0.51)},
+            GAP_TEXT,
+        ),
+        (
+            {"synth-synth": (0.99, 0.99), "synth-real": (0.56, 0.55)},
+            "(synth-synth 0.990) while one trained on synthetic images does poorly on real ones "
+            "(synth-real balanced accuracy 0.55 (chance 0.5))",
+        ),
+        ({"real-real": (0.79, 0.78), "real-synth": (0.97, 0.97), "synth-real": (0.52, 0.51)}, None),
+        ({"real-real": (0.79, 0.78), "real-synth": (1.0, 1.0), "synth-real": (0.71, 0.70)}, None),
+        ({"real-real": (0.79, 0.78), "real-synth": (1.0, 1.0)}, None),
+    ],
+)
+def test_domain_gap_banner(tmp_path, scores, expected):
+    runs = tmp_path / "runs"
+    for name, (accuracy, balanced) in scores.items():
+        folder = runs / "classify" / name
+        folder.mkdir(parents=True)
+        result = metrics(name, accuracy, [], "imagenet")
+        result["balanced_accuracy"] = balanced
+        atomic_write_json(folder / "metrics.json", result)
+    md, html_text = report_of(runs, tmp_path / "report")
+    if expected is None:
+        assert "DOMAIN GAP" not in md and "DOMAIN GAP" not in html_text
+        return
+    banners = [line for line in md.splitlines() if line.startswith("> **DOMAIN GAP: ")]
+    assert len(banners) == 2 and all(expected in line for line in banners), banners
+    scenarios = section(md, "Scenarios")
+    assert md.index(banners[0]) < md.index("\n## Scenarios\n")
+    assert scenarios.index(banners[1]) < scenarios.index("| scenario | train | test |")
+    assert '<p class="warn">DOMAIN GAP: ' in html_text
+
+
+def test_odd_quality_and_metric_files_give_a_report_not_a_traceback(demo_shards, tmp_path):
+    runs = write_runs(tmp_path / "runs", demo_shards, quality={"checked": True, "collapsed": [1]})
+    odd = [[1, 2], {"step": "x", "kimg": None, "kid": "high", "classes": [1], "collapsed": "yes"}]
+    (runs / "gan" / GAN_RUN / METRIC_FILE).write_text("".join(json.dumps(v) + "\n" for v in odd))
+    md, _ = report_of(runs, tmp_path / "report")
+    assert f"{GAN_RUN}/{METRIC_FILE}:1: not a JSON object (skipped)" in md
+    assert "| x | — | — | — | — | — | — | — |  |" in section(md, "GAN training")
+    assert "GENERATOR COLLAPSED" not in md

@@ -3,9 +3,10 @@
 What is looked for (formats in notes/contracts.md), anywhere below RUNS:
 - classify run folders: `metrics.json` (schema synthbreast-classify-metrics/1), `failed.json`,
   or a `config.json` of job ClassifyConfig with neither (started, no result yet);
-- GAN run folders: `config.json` of job TrainGANConfig with `stats.jsonl`, `samples/fakes-*.png`;
+- GAN run folders: `config.json` of job TrainGANConfig with `stats.jsonl`, `samples/fakes-*.png`
+  and `metric-texture.jsonl` (the collapse check at every snapshot);
 - shard folders: `manifest.json` of schema synthbreast-shards/1, real (ingest) or synthetic
-  (generate, `source.synthetic` true);
+  (generate, `source.synthetic` true, with its collapse check under `quality`);
 - `fidelity.json` (schema synthbreast-fidelity/1).
 
 A file that cannot be read becomes a line in `Collected.problems`, never an exception: the
@@ -39,6 +40,9 @@ METRICS, FAILED, CONFIG, STATS, FIDELITY = (
 OK, FAILED_STATUS, MISSING = "ok", "failed", "missing"
 # Folders never holding results: model state, image snapshots, inspect grids.
 SKIP_DIRS = {"checkpoints", "samples", "inspect", "__pycache__", "figures"}
+# The snapshot metric file of a GAN run; synthbreast.train.gan.METRIC_FILE (a test checks they
+# agree): importing that module would pull torch into every report.
+METRIC_FILE = "metric-texture.jsonl"
 # stats.jsonl keys of the discriminator and generator loss: the training loop writes
 # d_loss/g_loss; notes/contracts.md names them loss_d/loss_g. Both are read.
 LOSS_KEYS = {"loss_d": ("loss_d", "d_loss"), "loss_g": ("loss_g", "g_loss")}
@@ -66,6 +70,7 @@ class GanRun:
     config: dict[str, Any]
     stats: list[dict[str, Any]]
     samples: list[Path]  # samples/fakes-*.png, oldest first
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metric-texture.jsonl lines
 
     @property
     def class_label(self) -> int | None:
@@ -94,6 +99,37 @@ class ShardFolder:
         """Classes present in this folder's shards, from the manifest alone."""
         found = {int(c) for s in self.manifest.get("shards", []) for c in s.get("counts", {})}
         return sorted(found)
+
+    @property
+    def quality(self) -> dict[str, Any]:
+        """generate's collapse check of these images; {} where the manifest has none (written
+        before the check existed) or it is not a dict."""
+        quality = self.manifest.get("quality")
+        return quality if isinstance(quality, dict) else {}
+
+    @property
+    def collapsed(self) -> dict[str, list[str]]:
+        """Class -> why its images count as collapsed; empty when fine or not checked."""
+        quality = self.quality
+        if quality.get("checked") is not True:
+            return {}
+        found = quality.get("collapsed")
+        if found is None and isinstance(quality.get("classes"), dict):
+            # figures without a verdict (written by hand): judge them by the same thresholds
+            from synthbreast.eval.quality import collapse_reasons  # imports torch: only here
+
+            found = {
+                str(c): r
+                for c, m in quality["classes"].items()
+                if isinstance(m, dict) and (r := collapse_reasons(m))
+            }
+        if not isinstance(found, dict):
+            return {}
+        return {
+            str(c): [str(r) for r in (reasons if isinstance(reasons, list) else [reasons])]
+            for c, reasons in found.items()
+            if reasons
+        }
 
 
 @dataclass
@@ -133,7 +169,8 @@ def _read(path: Path, problems: list[str]) -> Any | None:
         return None
 
 
-def _read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, problems: list[str], objects: bool = False) -> list[dict[str, Any]]:
+    """The JSON lines of a file; `objects`: only JSON objects (others become problems)."""
     lines = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -144,10 +181,15 @@ def _read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            lines.append(json.loads(line))
+            value = json.loads(line)
         except ValueError:
             # the last line of a run killed mid-write; earlier ones still plot
             problems.append(f"{path}:{number}: not a JSON line (skipped)")
+            continue
+        if objects and not isinstance(value, dict):
+            problems.append(f"{path}:{number}: not a JSON object (skipped)")
+            continue
+        lines.append(value)
     return lines
 
 
@@ -250,7 +292,10 @@ def collect(runs: str | Path, exclude: list[str | Path] | None = None) -> Collec
             if isinstance(config, dict) and config.get("job") == "TrainGANConfig":
                 samples = sorted((folder / "samples").glob("fakes-*.png"))
                 stats = _read_jsonl(folder / STATS, problems)
-                gan_runs.append(GanRun(folder, config, stats, samples))
+                metric_lines = []
+                if METRIC_FILE in files:
+                    metric_lines = _read_jsonl(folder / METRIC_FILE, problems, objects=True)
+                gan_runs.append(GanRun(folder, config, stats, samples, metric_lines))
         if MANIFEST in files:
             manifest = _read(folder / MANIFEST, problems)
             if isinstance(manifest, dict) and manifest.get("schema") == SCHEMA:

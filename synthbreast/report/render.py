@@ -18,6 +18,7 @@ import datetime as dt
 import html
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from synthbreast.fileio import atomic_write_bytes, sha256_file
 from synthbreast.images import make_grid
 from synthbreast.report.collect import (
     FAILED_STATUS,
+    METRIC_FILE,
     MISSING,
     OK,
     Collected,
@@ -45,7 +47,14 @@ from synthbreast.report.collect import (
 from synthbreast.report.svg import Series, line_plot
 
 FIGURES = "figures"
-FIGURE_PATTERNS = ("roc.svg", "losses-*.svg", "fakes-*.png", "grid-*.png", "fidelity-*.png")
+FIGURE_PATTERNS = (
+    "roc.svg",
+    "losses-*.svg",
+    "snapshots-*.svg",
+    "fakes-*.png",
+    "grid-*.png",
+    "fidelity-*.png",
+)
 REPORT_MD, REPORT_HTML, METRICS_CSV = "report.md", "report.html", "metrics.csv"
 PAPER = (
     "Aytar & Gündüç (2024), Table 3: MSG-GAN on IDC, ResNet18 (ImageNet, frozen, new fc), "
@@ -63,6 +72,15 @@ PAPER_SETUP = {
 }
 NOT_COMPARABLE = "random init (not ImageNet): not comparable to the paper"
 DASH = "—"
+# The domain-gap banner. A classifier trained on real images tells the real classes apart with
+# ~0.8 accuracy (0.84 in the paper): when one separates the synthetic classes (almost)
+# perfectly, they differ by something easier than the real ones do. That alone could be a very
+# good GAN; together with a classifier trained on synthetic images that does much worse on real
+# ones than a real-trained one (balanced accuracy more than DOMAIN_GAP_DROP below real-real's,
+# or under DOMAIN_GAP_POOR, little above chance 0.5), the synthetic classes are caricatures.
+DOMAIN_GAP_EASY = 0.98  # real-synth or synth-synth accuracy at or above: "perfectly"
+DOMAIN_GAP_DROP = 0.15  # synth-real balanced accuracy this far below real-real's: "poorly"
+DOMAIN_GAP_POOR = 0.6  # or below this, whatever real-real did
 # Section titles, in order; tests and readers look for them.
 SECTIONS = (
     "Scenarios",
@@ -226,6 +244,79 @@ def setup_differences(model: dict[str, Any]) -> list[str]:
     return differ
 
 
+# --- banners: a collapsed generator, a domain gap --------------------------------------------
+
+
+def warn(doc: Document, banners: list[str] | None) -> None:
+    """The red banners, directly above what they are about."""
+    doc.add(*(Para(text, warn=True) for text in banners or []))
+
+
+def collapsed_sets(collected: Collected) -> list[tuple[ShardFolder, str, list[str]]]:
+    """(folder, class, reasons) of every synthetic set generate found collapsed."""
+    found = []
+    for folder in collected.synthetic_shards:
+        for label, reasons in folder.collapsed.items():
+            if label == "all":  # an unconditional model of every class: the folder's label
+                label = ", ".join(map(str, folder.labels())) or label
+            found.append((folder, label, reasons))
+    return found
+
+
+def collapse_banner(collected: Collected) -> str | None:
+    """The GENERATOR COLLAPSED text, or None when no synthetic set is collapsed."""
+    found = collapsed_sets(collected)
+    if not found:
+        return None
+    from synthbreast.eval.quality import REMEDY  # imports torch: only for a collapsed set
+
+    sets = " ".join(
+        f"The synthetic images of class {label} (`{shown_path(folder.folder, collected.runs)}`) "
+        f"are collapsed: {'; '.join(reasons)}."
+        for folder, label, reasons in found
+    )
+    sets = sets[0].lower() + sets[1:]
+    return (
+        f"GENERATOR COLLAPSED: {sets} Every number that uses synthetic images is meaningless. "
+        f"Remedy: {REMEDY}."
+    )
+
+
+def _scenario_figure(collected: Collected, name: str, key: str) -> float | None:
+    for run in collected.scenarios:
+        value = (run.metrics or {}).get(key)
+        if run.name == name and run.status == OK and isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def domain_gap_banner(collected: Collected) -> str | None:
+    """The DOMAIN GAP text (see DOMAIN_GAP_EASY), or None when the scenarios show no gap."""
+    easy = [
+        (name, value)
+        for name in ("real-synth", "synth-synth")
+        if (value := _scenario_figure(collected, name, "accuracy")) is not None
+        and value >= DOMAIN_GAP_EASY
+    ]
+    synth_real = _scenario_figure(collected, "synth-real", "balanced_accuracy")
+    real_real = _scenario_figure(collected, "real-real", "balanced_accuracy")
+    if not easy or synth_real is None:
+        return None
+    below_real = real_real is not None and synth_real < real_real - DOMAIN_GAP_DROP
+    if not (below_real or synth_real < DOMAIN_GAP_POOR):
+        return None
+    name, value = easy[0]
+    trained = "on real images" if name == "real-synth" else "and tested on synthetic images"
+    how = "perfectly" if value >= 1.0 else "almost perfectly"
+    compared = f"vs real-real {num(real_real, 2)}" if real_real is not None else "(chance 0.5)"
+    return (
+        f"DOMAIN GAP: a classifier trained {trained} separates the synthetic classes {how} "
+        f"({name} {num(value)}) while one trained on synthetic images does poorly on real ones "
+        f"(synth-real balanced accuracy {num(synth_real, 2)} {compared}): the synthetic classes "
+        "are easy caricatures, not a twin of the real ones."
+    )
+
+
 # --- the scenario table and metrics.csv --------------------------------------------------------
 
 
@@ -289,8 +380,14 @@ def metrics_csv(rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def scenario_section(doc: Document, collected: Collected, rows: list[dict[str, Any]]) -> None:
+def scenario_section(
+    doc: Document,
+    collected: Collected,
+    rows: list[dict[str, Any]],
+    banners: list[str] | None = None,
+) -> None:
     doc.add(Heading(2, "Scenarios"))
+    warn(doc, banners)
     header = [
         "scenario",
         "train",
@@ -391,7 +488,7 @@ def scenario_section(doc: Document, collected: Collected, rows: list[dict[str, A
 # --- figures -----------------------------------------------------------------------------------
 
 
-def roc_section(doc: Document, collected: Collected) -> None:
+def roc_section(doc: Document, collected: Collected, banners: list[str] | None = None) -> None:
     doc.add(Heading(2, "ROC curves"))
     series = []
     for run in collected.scenarios:
@@ -402,6 +499,7 @@ def roc_section(doc: Document, collected: Collected) -> None:
     if not series:
         doc.add(Para("No scenario with a ROC curve (no successful classify run)."))
         return
+    warn(doc, banners)
     svg = line_plot(
         series,
         "ROC curves of all scenarios (positive class 1, IDC+)",
@@ -414,7 +512,9 @@ def roc_section(doc: Document, collected: Collected) -> None:
     doc.add(doc.figure("roc.svg", "ROC curves; dashed: chance", svg=svg))
 
 
-def confusion_section(doc: Document, collected: Collected) -> None:
+def confusion_section(
+    doc: Document, collected: Collected, banners: list[str] | None = None
+) -> None:
     doc.add(Heading(2, "Confusion matrices"))
     tables = []
     for run in collected.scenarios:
@@ -435,6 +535,7 @@ def confusion_section(doc: Document, collected: Collected) -> None:
     if not tables:
         doc.add(Para("No confusion matrix (no successful classify run)."))
         return
+    warn(doc, banners)
     doc.add(Para("Counts and row percentages (share of each true class)."))
     doc.add(Row(tables))
 
@@ -445,7 +546,9 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def grids_section(doc: Document, collected: Collected, config: ReportConfig) -> None:
+def grids_section(
+    doc: Document, collected: Collected, config: ReportConfig, banners: list[str] | None = None
+) -> None:
     doc.add(Heading(2, "Sample grids"))
     # the ingest the scenarios used (the first found if none says); all are in Provenance
     used = {
@@ -460,6 +563,8 @@ def grids_section(doc: Document, collected: Collected, config: ReportConfig) -> 
     if not real and not synthetic:
         doc.add(Para("No shard folders (manifest.json) found under RUNS: no grids."))
         return
+    if synthetic:
+        warn(doc, banners)
     labels = sorted({lab for folder in [*real, *synthetic] for lab in folder.labels()})
     columns = max(1, round(config.grid_per_class**0.5))
     real_pool = None
@@ -506,6 +611,158 @@ def loss_plot(run: GanRun) -> str | None:
     return line_plot(series, f"{run.name}: losses", "kimg (thousands of real images)", "loss")
 
 
+def _number(line: dict[str, Any], key: str) -> float | None:
+    """A finite number under `key`, else None (a hand-edited or truncated line)."""
+    value = line.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def line_classes(line: dict[str, Any]) -> dict[str, Any]:
+    classes = line.get("classes")
+    return classes if isinstance(classes, dict) else {}
+
+
+def class_line(line: dict[str, Any], label: str) -> dict[str, Any]:
+    """One class's figures of a metric-texture.jsonl line, with the line's kimg."""
+    figures = line_classes(line).get(label)
+    return {**(figures if isinstance(figures, dict) else {}), "kimg": line.get("kimg")}
+
+
+def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
+    """(name, caption, SVG) of kid and of diversity against kimg, per class where there are several
+    (a mean would hide one class's collapse); the diversity plot marks the collapse line."""
+    plots = []
+    for key, what in (("kid", "KID x1000 (lower is better)"), ("diversity", "diversity")):
+        series = []
+        classes = sorted({str(c) for line in run.metrics for c in line_classes(line)})
+        label = f"class {classes[0]}" if len(classes) == 1 else "all classes"
+        parts: list[tuple[str, list[dict[str, Any]]]] = [(label, run.metrics)]
+        if len(classes) > 1:
+            parts = [(f"class {c}", [class_line(line, c) for line in run.metrics]) for c in classes]
+        for label, lines in parts:
+            points = [
+                (_number(line, "kimg"), _number(line, key))
+                for line in lines
+                if _number(line, "kimg") is not None and _number(line, key) is not None
+            ]
+            if points:
+                series.append(Series(label, [p[0] for p in points], [p[1] for p in points]))
+        if not series:
+            continue
+        ylim = None
+        if key == "diversity":
+            from synthbreast.eval.quality import COLLAPSE_DIVERSITY  # imports torch
+
+            xs = [x for s in series for x in s.x]
+            series.append(
+                Series(
+                    f"collapse below {COLLAPSE_DIVERSITY}",
+                    [min(xs), max(xs)],
+                    [COLLAPSE_DIVERSITY] * 2,
+                    colour="#d62728",
+                    dash="4 3",
+                )
+            )
+            ylim = (0.0, max(1.2, *(y for s in series for y in s.y)))
+        title = f"{run.name}: {key} at each snapshot"
+        svg = line_plot(series, title, "kimg (thousands of real images)", what, ylim=ylim)
+        plots.append((f"snapshots-{key}-{run.name}.svg", f"{key} at each snapshot", svg))
+    return plots
+
+
+def generated_from(run: GanRun, collected: Collected) -> dict[int, list[str]]:
+    """checkpoint step -> the synthetic folders generate made from this run's checkpoint."""
+    used: dict[int, list[str]] = {}
+    for folder in collected.synthetic_shards:
+        source = folder.manifest.get("source") or {}
+        path, step = source.get("checkpoint_path"), source.get("checkpoint_step")
+        if not isinstance(path, str) or not path or not isinstance(step, int):
+            continue
+        if Path(path).resolve().is_relative_to(run.folder.resolve()):
+            used.setdefault(step, []).append(f"`{shown_path(folder.folder, collected.runs)}`")
+    return used
+
+
+def snapshot_table(run: GanRun, collected: Collected) -> Table:
+    """One row per metric-texture.jsonl line: the figures generate --snapshot best chooses by."""
+    used = generated_from(run, collected)
+    scored = [line for line in run.metrics if _number(line, "kid") is not None]
+    best = min(scored, key=lambda line: _number(line, "kid")) if scored else None
+    rows = []
+    for line in run.metrics:
+        collapsed = line.get("collapsed")
+        collapsed = ", ".join(map(str, collapsed)) if isinstance(collapsed, dict) else DASH
+        notes = ["lowest kid"] if line is best else []
+        if isinstance(line.get("step"), int) and line["step"] in used:
+            notes.append("generate used it: " + ", ".join(used[line["step"]]))
+        rows.append(
+            [
+                str(line.get("step", DASH)),
+                num(line.get("kimg")),
+                num(line.get("kid"), 2),
+                num(line.get("precision")),
+                num(line.get("recall")),
+                num(line.get("coverage")),
+                num(line.get("diversity")),
+                collapsed or "none",
+                "; ".join(notes),
+            ]
+        )
+    header = ["step", "kimg", "kid", "precision", "recall", "coverage", "diversity"]
+    return Table(
+        [*header, "collapsed classes", "note"],
+        rows,
+        caption=f"{run.name}: the collapse check at each snapshot (`{METRIC_FILE}`, texture "
+        "features; kid is KID x1000, lower is better; diversity 1 = as varied as real)",
+    )
+
+
+def snapshot_text(source: dict[str, Any]) -> str:
+    """Which checkpoint generate drew from, and why."""
+    chosen = source.get("snapshot")
+    step = source.get("checkpoint_step")
+    at = f"step {step}" if step is not None else "step unknown"
+    if not isinstance(chosen, dict):
+        return f"{at} (manifest does not say how it was chosen)"
+    text = f"{chosen.get('snapshot', DASH)}, {at}"
+    why = chosen.get("by") or chosen.get("why")
+    return f"{text} ({why})" if why else text
+
+
+def verdict(folder: ShardFolder) -> str:
+    quality = folder.quality
+    if not quality:
+        return "not checked (the manifest is older than the check)"
+    if quality.get("checked") is not True:
+        return f"not checked: {quality.get('why') or 'no reason given'}"
+    collapsed = folder.collapsed
+    if collapsed:
+        return "COLLAPSED (class " + ", ".join(collapsed) + ")"
+    return "ok"
+
+
+def synthetic_sets_table(collected: Collected) -> Table:
+    """generate's collapse check of each synthetic folder, and the snapshot it drew from."""
+    rows = []
+    for folder in collected.synthetic_shards:
+        quality = folder.quality
+        rows.append(
+            [
+                f"`{shown_path(folder.folder, collected.runs)}`",
+                ", ".join(map(str, folder.labels())) or DASH,
+                snapshot_text(folder.manifest.get("source") or {}),
+                num(quality.get("kid"), 2),
+                num(quality.get("recall")),
+                num(quality.get("diversity")),
+                verdict(folder),
+            ]
+        )
+    header = ["folder", "class", "snapshot", "kid", "recall", "diversity", "verdict"]
+    return Table(header, rows, caption="Synthetic set check (generate, texture features)")
+
+
 def gan_section(doc: Document, collected: Collected) -> None:
     doc.add(Heading(2, "GAN training"))
     if not collected.gan_runs:
@@ -515,7 +772,6 @@ def gan_section(doc: Document, collected: Collected) -> None:
                 "RUNS: no loss curves."
             )
         )
-        return
     rows = []
     for run in collected.gan_runs:
         last = run.stats[-1] if run.stats else {}
@@ -544,7 +800,8 @@ def gan_section(doc: Document, collected: Collected) -> None:
         "last loss_g",
         "snapshots",
     ]
-    doc.add(Table(header, rows))
+    if rows:
+        doc.add(Table(header, rows))
     for run in collected.gan_runs:
         doc.add(Heading(3, run.name))
         blocks = []
@@ -563,14 +820,25 @@ def gan_section(doc: Document, collected: Collected) -> None:
                 )
             )
         doc.add(Row(blocks))
+        if not run.metrics:
+            doc.add(Para(f"No `{METRIC_FILE}` in this run: no collapse check per snapshot."))
+            continue
+        plots = [doc.figure(name, caption, svg=svg) for name, caption, svg in snapshot_plots(run)]
+        if plots:
+            doc.add(Row(plots))
+        doc.add(snapshot_table(run, collected))
+    if collected.synthetic_shards:
+        doc.add(Heading(3, "Synthetic sets"))
+        doc.add(synthetic_sets_table(collected))
 
 
-def fidelity_section(doc: Document, collected: Collected) -> None:
+def fidelity_section(doc: Document, collected: Collected, banners: list[str] | None = None) -> None:
     doc.add(Heading(2, "Fidelity"))
     data = collected.fidelity
     if data is None:
         doc.add(Para("Fidelity was not run (no fidelity.json under RUNS)."))
         return
+    warn(doc, banners)
     base = collected.fidelity_path.parent
     metrics = ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage")
     rows = []
@@ -750,12 +1018,16 @@ def build_document(collected: Collected, config: ReportConfig) -> tuple[Document
     if "none" in weights:
         doc.add(Para(f"Classifier weights: {NOT_COMPARABLE}.", warn=True))
     rows = csv_rows(collected)
-    scenario_section(doc, collected, rows)
-    roc_section(doc, collected)
-    confusion_section(doc, collected)
-    grids_section(doc, collected, config)
+    # above everything, and again above every table and figure made of synthetic images
+    collapse = [text] if (text := collapse_banner(collected)) else []
+    gap = [text] if (text := domain_gap_banner(collected)) else []
+    warn(doc, [*collapse, *gap])
+    scenario_section(doc, collected, rows, [*collapse, *gap])
+    roc_section(doc, collected, collapse)
+    confusion_section(doc, collected, collapse)
+    grids_section(doc, collected, config, collapse)
     gan_section(doc, collected)
-    fidelity_section(doc, collected)
+    fidelity_section(doc, collected, collapse)
     provenance_section(doc, collected)  # last: it lists problems the others found
     return doc, rows
 
