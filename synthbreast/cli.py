@@ -255,6 +255,9 @@ def inspect(
 
 
 Budget = Enum("Budget", {"tiny": "tiny", "small": "small", "paper": "paper"}, type=str)
+GanModel = Enum("GanModel", {name: name for name in ("msggan", "msggan-cond")}, type=str)
+GanLoss = Enum("GanLoss", {name: name for name in ("wgan-gp", "logistic-r1")}, type=str)
+GanAugment = Enum("GanAugment", {name: name for name in ("none", "diffaug", "ada")}, type=str)
 Precision = Enum("Precision", {"no": "no", "fp16": "fp16", "bf16": "bf16"}, type=str)
 _Opt = Optional  # typer needs Optional[...] on Python 3.10
 
@@ -272,11 +275,34 @@ def train_gan(
         _Opt[Budget],
         typer.Option(help="Preset: tiny (seconds), small (CPU minutes), paper (GPU)."),
     ] = None,
+    model: Annotated[
+        _Opt[GanModel],
+        typer.Option(
+            help="msggan (one model per --class, the paper) or msggan-cond (all classes)."
+        ),
+    ] = None,
+    loss: Annotated[
+        _Opt[GanLoss], typer.Option(help="wgan-gp (the paper) or logistic-r1 (StyleGAN2).")
+    ] = None,
+    augment: Annotated[
+        _Opt[GanAugment],
+        typer.Option(help="D's inputs: none, diffaug (DiffAugment) or ada (adaptive p)."),
+    ] = None,
+    dihedral: Annotated[
+        _Opt[bool], typer.Option(help="Random flips and 90-degree rotations of real images.")
+    ] = None,
+    r1_gamma: Annotated[_Opt[float], typer.Option(help="logistic-r1: R1 weight.")] = None,
+    metric_images: Annotated[
+        _Opt[int], typer.Option(help="Images per class for the snapshot metric (0: off).")
+    ] = None,
     resolution: Annotated[_Opt[int], typer.Option(help="Output side [64].")] = None,
     width: Annotated[_Opt[float], typer.Option(help="Channel multiplier [1.0 = paper].")] = None,
     latent_dim: Annotated[_Opt[int], typer.Option(help="Latent size [512].")] = None,
     g_padding: Annotated[
         _Opt[str], typer.Option(help="Generator conv padding: zeros (paper) or reflect.")
+    ] = None,
+    g_upsample: Annotated[
+        _Opt[str], typer.Option(help="Generator upsampling: nearest (paper) or bilinear.")
     ] = None,
     batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
     optimizer: Annotated[
@@ -297,7 +323,11 @@ def train_gan(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
-    """Train MSG-GAN (WGAN-GP, RMSprop) on a pool of the shards, with accelerate.
+    """Train a GAN of the model registry on a pool of the shards, with accelerate.
+
+    The paper: `--model msggan --class C` (one MSG-GAN per class, WGAN-GP, RMSprop). One
+    model for every class: `--model msggan-cond`. Every snapshot writes a sample grid and
+    appends KID/recall/diversity (texture features) to metric-texture.jsonl.
 
     One process: `synthbreast train-gan SHARDS`. Several: `accelerate launch -m synthbreast
     train-gan ...` or `torchrun --nproc_per_node N -m synthbreast train-gan ...`. SIGTERM or
@@ -319,10 +349,17 @@ def train_gan(
     )
     config = apply_budget(config, Budget(budget).value if budget else None)
     given = dict(
+        model=model and GanModel(model).value,
+        loss=loss and GanLoss(loss).value,
+        augment=augment and GanAugment(augment).value,
+        dihedral=dihedral,
+        r1_gamma=r1_gamma,
+        metric_images=metric_images,
         resolution=resolution,
         width=width,
         latent_dim=latent_dim,
         g_padding=g_padding,
+        g_upsample=g_upsample,
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
@@ -362,8 +399,11 @@ def generate(
     per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
     class_label: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--class", help="Class label to write [default: the GAN's class]."),
+        typer.Option("--class", help="Class to draw (conditional) [default: the GAN's class]."),
     ] = None,
+    snapshot: Annotated[
+        str, typer.Option(help="best (lowest snapshot KID), latest, or a step number.")
+    ] = "best",
     seed: Annotated[int, typer.Option(help="Base seed; shard i uses a seed from (seed, i).")] = 0,
     shard_range: Annotated[
         Optional[str],  # noqa: UP045
@@ -389,6 +429,7 @@ def generate(
         shards=shards,
         per_shard=per_shard,
         class_label=class_label,
+        snapshot=snapshot,
         seed=seed,
         shard_range=shard_range,
         output_size=output_size,
@@ -428,12 +469,21 @@ def pipeline(
         typer.Option(help="ImageNet ResNet weights file (else the torch hub cache)."),
     ] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip and count bad images at ingest.")] = False,
+    per_class_gans: Annotated[
+        bool, typer.Option(help="One MSG-GAN per class (the paper) instead of one conditional.")
+    ] = False,
+    keep_going: Annotated[
+        bool, typer.Option(help="Classify even when a generator collapsed (the report warns).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes/loader workers.")] = 2,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
-    """The main job: data -> ingest -> MSG-GAN per class -> generate -> the classification
-    scenarios -> fidelity -> report.
+    """The main job: data -> ingest -> conditional MSG-GAN -> generate -> collapse gate -> the
+    classification scenarios -> fidelity -> report.
+
+    A generator whose images collapsed (no variety, or far from every real image) stops the
+    pipeline before classification, with the remedy; --keep-going classifies anyway.
 
     `synthbreast pipeline --demo --out demo-run` runs it all on the embedded demo data. Run it
     again with the same arguments to continue after an interruption: complete stages are skipped.
@@ -450,6 +500,8 @@ def pipeline(
         weights=weights,
         weights_path=str(weights_path) if weights_path else None,
         skip_bad=skip_bad,
+        per_class_gans=per_class_gans,
+        keep_going=keep_going,
         seed=seed,
         workers=workers,
     )
@@ -553,6 +605,9 @@ def submit_all(
         typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
     ] = None,
     patch_size: Annotated[int, typer.Option(help="Real patch side; synthetic ones match.")] = 50,
+    per_class_gans: Annotated[
+        bool, typer.Option(help="One MSG-GAN per class (the paper) instead of one conditional.")
+    ] = False,
     max_parallel: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="At most this many tasks of each array at once."),
@@ -560,8 +615,8 @@ def submit_all(
     sbatch_args: SbatchArgs = "",
     dry_run: DryRun = False,
 ) -> None:
-    """The whole chain as dependent jobs: ingest -> GAN per class -> generation arrays ->
-    scenario array -> report. Then: synthbreast status OUT."""
+    """The whole chain as dependent jobs: ingest -> conditional GAN (or one per class) ->
+    generation arrays -> scenario array -> report. Then: synthbreast status OUT."""
     from synthbreast.config import PipelineConfig
     from synthbreast.pipeline import budget_settings
     from synthbreast.submit import plan_all
@@ -571,7 +626,10 @@ def submit_all(
     config = PipelineConfig(out=str(out), demo=demo, budget=Budget(budget).value, weights=weights)
     settings = budget_settings(config)
     out = out.absolute()
-    jobs = plan_all(data and data.absolute(), out, demo, settings, [0, 1], max_parallel, patch_size)
+    jobs = plan_all(
+        data and data.absolute(), out, demo, settings, [0, 1], max_parallel, patch_size,
+        per_class_gans=per_class_gans,
+    )  # fmt: skip
     _submit(jobs, out, sbatch_args, dry_run)
 
 

@@ -295,6 +295,8 @@ def check_quality(
     from synthbreast.eval.quality import GeneratorQuality
 
     train = checkpoint["train_config"]
+    if not train.get("shards"):
+        return {"checked": False, "why": "the checkpoint does not name its training shards"}
     try:
         root = Path(train["shards"])
         paths = pool_shards(root, load_manifest(root), train.get("pool", "gan"))

@@ -1,7 +1,12 @@
 """`synthbreast pipeline`: the whole chain on one machine, one stage after the other.
 
-    data (demo or a real folder) -> ingest -> one MSG-GAN per class -> generation per class
-    -> every classification scenario -> fidelity -> report
+    data (demo or a real folder) -> ingest -> one conditional MSG-GAN (or, with
+    --per-class-gans, one MSG-GAN per class as in the paper) -> generation per class -> the
+    collapse gate -> every classification scenario -> fidelity -> report
+
+The collapse gate: `generate` checks each class's images against the real ones
+(synthbreast/eval/quality.py); a collapsed class stops the pipeline before classification,
+with the remedy, unless --keep-going (then the report carries a red banner).
 
 Every stage is the library function its own command runs, with the same config dataclass, and
 every stage skips or resumes what is already complete, so an interrupted pipeline continues
@@ -39,11 +44,11 @@ from synthbreast.fileio import atomic_write_json, read_json
 PIPELINE_BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(demo_patients=12, demo_per_class=20, gan_budget="tiny", gan_kimg=None,
                  synth_shards=2, synth_per_shard=40, classify_epochs=3, input_size="native",
-                 weights="none", fidelity_extractors=("pixels", "classifier")),
-    # small: 6 kimg per class (about 5 minutes each) to stay under 15 minutes in all
-    "small": dict(demo_patients=20, demo_per_class=50, gan_budget="small", gan_kimg=6.0,
+                 weights="none", fidelity_extractors=("pixels", "texture", "classifier")),
+    # small: the GAN budget's length (one conditional model) to stay under 15 minutes in all
+    "small": dict(demo_patients=20, demo_per_class=50, gan_budget="small", gan_kimg=None,
                   synth_shards=4, synth_per_shard=250, classify_epochs=30, input_size="native",
-                  weights="none", fidelity_extractors=("pixels", "classifier")),
+                  weights="none", fidelity_extractors=("pixels", "texture", "classifier")),
     # the paper: 38,000 images per class (76 shards of 1,000 in all), ImageNet ResNet18 at 224;
     # fidelity () = pixels, the real-real classifier, and Inception-v3 where its weights are
     "paper": dict(demo_patients=20, demo_per_class=50, gan_budget="paper", gan_kimg=None,
@@ -131,12 +136,16 @@ def class_labels(config: PipelineConfig) -> list[int]:
     return list(range(len(manifest["source"]["class_names"])))
 
 
-def gan_config(config: PipelineConfig, settings: dict[str, Any], label: int) -> TrainGANConfig:
+def gan_config(
+    config: PipelineConfig, settings: dict[str, Any], label: int | None
+) -> TrainGANConfig:
+    """The GAN of class `label` (per-class GANs), or the conditional one (label None)."""
     from synthbreast.train.gan import apply_budget
 
     where = folders(config)
     gan = TrainGANConfig(
         shards=str(where["shards"]), outdir=str(where["gan"]), pool="gan", class_label=label,
+        model="msggan" if label is not None else "msggan-cond",
         seed=config.seed, workers=min(config.workers, 2), resume="auto",
     )  # fmt: skip
     gan = apply_budget(gan, settings["gan_budget"])
@@ -145,18 +154,24 @@ def gan_config(config: PipelineConfig, settings: dict[str, Any], label: int) -> 
     return gan
 
 
-def stage_gan(config: PipelineConfig, settings: dict[str, Any], log: Log) -> list[Path]:
+def stage_gan(config: PipelineConfig, settings: dict[str, Any], log: Log) -> dict[int, Path]:
+    """{class: run folder that draws it}: one conditional run for all, or one run each."""
     from synthbreast.train.gan import train_gan
 
-    runs = []
-    for label in class_labels(config):
+    labels = class_labels(config)
+    if not config.per_class_gans:
+        log(f"conditional MSG-GAN for classes {labels}")
+        run = train_gan(gan_config(config, settings, None), progress_print=log)
+        return dict.fromkeys(labels, run)
+    runs = {}
+    for label in labels:
         log(f"MSG-GAN for class {label}")
-        runs.append(train_gan(gan_config(config, settings, label), progress_print=log))
+        runs[label] = train_gan(gan_config(config, settings, label), progress_print=log)
     return runs
 
 
 def stage_generate(
-    config: PipelineConfig, settings: dict[str, Any], runs: list[Path], progress
+    config: PipelineConfig, settings: dict[str, Any], runs: dict[int, Path], progress
 ) -> list[Path]:
     from synthbreast.data.shards import load_manifest
     from synthbreast.generate import run_generate
@@ -164,7 +179,7 @@ def stage_generate(
     where = folders(config)
     patch_size = load_manifest(where["shards"])["sample"]["image_size"]
     outs = []
-    for label, run in zip(class_labels(config), runs, strict=True):
+    for label, run in runs.items():
         out = where["synthetic"] / f"class{label}"
         job = GenerateConfig(
             checkpoint=str(run), out=str(out), shards=settings["synth_shards"],
@@ -175,6 +190,27 @@ def stage_generate(
         run_generate(job, progress, env={})
         outs.append(out)
     return outs
+
+
+def stage_gate(config: PipelineConfig, outs: list[Path]) -> str:
+    """Stop before classification when a class's generator collapsed (unless --keep-going)."""
+    from synthbreast.data.shards import load_manifest
+    from synthbreast.eval.quality import REMEDY
+
+    collapsed = []
+    for out in outs:
+        for label, reasons in load_manifest(out).get("quality", {}).get("collapsed", {}).items():
+            collapsed.append(f"class {label} ({out}): {'; '.join(reasons)}")
+    if not collapsed:
+        return "passed"
+    if config.keep_going:
+        return "collapsed, going on (--keep-going): " + " | ".join(collapsed)
+    raise UserError(
+        "the generator collapsed, so classification on its images would mean nothing: "
+        + " | ".join(collapsed)
+        + f". Remedy: {REMEDY}; or pass --keep-going to classify anyway (the report then "
+        "carries a warning)"
+    )
 
 
 def stage_classify(
@@ -246,7 +282,8 @@ def run_pipeline(config: PipelineConfig, progress, log: Log = print) -> Path:
     timed("data", lambda: stage_data(config, settings, progress))
     timed("ingest", lambda: stage_ingest(config, settings, progress))
     runs = timed("train-gan", lambda: stage_gan(config, settings, log))
-    timed("generate", lambda: stage_generate(config, settings, runs, progress))
+    outs = timed("generate", lambda: stage_generate(config, settings, runs, progress))
+    timed("collapse gate", lambda: stage_gate(config, outs))
     timed("classify", lambda: stage_classify(config, settings, progress, log))
     timed("fidelity", lambda: stage_fidelity(config, settings, progress, log))
     report = timed("report", lambda: stage_report(config))

@@ -7,7 +7,8 @@ earlier ones from shell variables); a real submission records every job in OUT/j
 which `synthbreast status` reads.
 
 The folders are those of `synthbreast pipeline` (synthbreast/pipeline.py): OUT/shards,
-OUT/gan/class<c>/<run>, OUT/synthetic/class<c>, OUT/classify/<scenario>, OUT/report.
+OUT/gan/all/<run> (or OUT/gan/class<c>/<run>),
+OUT/synthetic/class<c>, OUT/classify/<scenario>, OUT/report.
 """
 
 from __future__ import annotations
@@ -157,10 +158,11 @@ def plan_all(
     classes: list[int],
     max_parallel: int | None,
     patch_size: int = 50,
+    per_class_gans: bool = False,
 ) -> list[Job]:
-    """ingest -> a GAN per class -> generation per class -> scenario array -> fidelity ->
-    report. Stages found complete now (demo data, ingest) are left out, as `pipeline` skips
-    them; later stages skip what is complete themselves."""
+    """ingest -> one conditional GAN (or one per class) -> generation per class -> scenario
+    array -> fidelity -> report. Stages found complete now (demo data, ingest) are left out,
+    as `pipeline` skips them; later stages skip what is complete themselves."""
     from synthbreast.eval.scenarios import scenario_names
 
     scripts = slurm_dir()
@@ -184,17 +186,21 @@ def plan_all(
         jobs.append(Job("ingest", run, args=ingest_args, after=ingest_after))
         gan_after = ["ingest"]
     generated = []
+    budget = f"--budget {settings['gan_budget']}"
+    budget += f" --kimg {settings['gan_kimg']}" if settings["gan_kimg"] else ""
+    if not per_class_gans:  # one conditional model draws every class (as `pipeline`)
+        gan_env = {"SHARDS": str(shards), "OUTDIR": str(out / "gan" / "all"),
+                   "EXTRA": f"--model msggan-cond {budget}"}  # fmt: skip
+        jobs.append(Job("gan", str(scripts / "train_gan.sh"), gan_env, after=gan_after))
     for c in classes:
-        gan_env = {
-            "SHARDS": str(shards),
-            "CLASS": str(c),
-            "OUTDIR": str(out / "gan" / f"class{c}"),
-            "EXTRA": f"--budget {settings['gan_budget']}"
-            + (f" --kimg {settings['gan_kimg']}" if settings["gan_kimg"] else ""),
-        }
-        jobs.append(Job(f"gan-class{c}", str(scripts / "train_gan.sh"), gan_env, after=gan_after))
+        gan_name, gan_out = ("gan", out / "gan" / "all")
+        if per_class_gans:
+            gan_name, gan_out = f"gan-class{c}", out / "gan" / f"class{c}"
+            gan_env = {"SHARDS": str(shards), "CLASS": str(c), "OUTDIR": str(gan_out),
+                       "EXTRA": f"--model msggan {budget}"}  # fmt: skip
+            jobs.append(Job(gan_name, str(scripts / "train_gan.sh"), gan_env, after=gan_after))
         gen_env = {
-            "CHECKPOINT": str(out / "gan" / f"class{c}"),
+            "CHECKPOINT": str(gan_out),
             "OUT": str(synthetic / f"class{c}"),
             "SHARDS": str(settings["synth_shards"]),
             "PER_SHARD": str(settings["synth_per_shard"]),
@@ -203,9 +209,7 @@ def plan_all(
         }
         tasks = array_range(min(settings["synth_shards"], 8), max_parallel)
         name = f"generate-class{c}"
-        jobs.append(
-            Job(name, str(scripts / "generate.sh"), gen_env, array=tasks, after=[f"gan-class{c}"])
-        )
+        jobs.append(Job(name, str(scripts / "generate.sh"), gen_env, array=tasks, after=[gan_name]))
         generated.append(name)
     extra = f"--weights {settings['weights']} --epochs {settings['classify_epochs']}"
     extra += f" --input-size {settings['input_size']}"

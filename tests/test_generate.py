@@ -192,7 +192,10 @@ def test_another_job_in_the_same_out_is_refused(run_dir, tmp_path):
     run_generate(config(run_dir, out, shard_range="0:1"))
     with pytest.raises(UserError, match=r"seed 0 there, 1 now.*new --out"):
         run_generate(config(run_dir, out, shard_range="1:2", seed=1))
-    with pytest.raises(UserError, match=r"class_label 1 there, 0 now.*new --out"):
+    with pytest.raises(UserError, match=r"output_size 16 there, 20 now.*new --out"):
+        run_generate(config(run_dir, out, shard_range="1:2", output_size=20))
+    # a class the per-class model never saw would mislabel every image: refused before that
+    with pytest.raises(UserError, match="trained on class 1 alone"):
         run_generate(config(run_dir, out, shard_range="1:2", class_label=0))
     with pytest.raises(UserError, match="per_shard"):
         run_generate(config(run_dir, out, shard_range="1:2", per_shard=9))

@@ -150,7 +150,15 @@ def test_discriminator_loss_terms():
     assert stats["d_loss"] == pytest.approx(loss.item())
     assert stats["wasserstein"] == pytest.approx((d_real.mean() - d_fake.mean()).item(), rel=1e-5)
     assert stats["grad_norm"] == pytest.approx(norm, rel=1e-5)
-    assert set(stats) == {"d_loss", "d_real", "d_fake", "wasserstein", "gp", "grad_norm"}
+    assert set(stats) == {
+        "d_loss",
+        "d_real",
+        "d_fake",
+        "wasserstein",
+        "gp",
+        "grad_norm",
+        "real_sign",
+    }
 
 
 def test_generator_loss_is_minus_mean_score():

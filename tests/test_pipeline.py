@@ -10,7 +10,9 @@ import pytest
 
 from synthbreast.eval.scenarios import scenario_names
 
-STAGES = ["data", "ingest", "train-gan", "generate", "classify", "fidelity", "report"]
+STAGES = [
+    "data", "ingest", "train-gan", "generate", "collapse gate", "classify", "fidelity", "report",
+]  # fmt: skip
 
 
 def run_pipeline(out, *extra):
@@ -24,7 +26,9 @@ def run_pipeline(out, *extra):
 @pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     out = tmp_path / "run"
-    done = run_pipeline(out)
+    # a tiny GAN may well collapse: the gate would stop before classification (tested in
+    # tests/test_gan_quality.py); here the chain goes on and the report must say so
+    done = run_pipeline(out, "--keep-going")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = out / "report" / "report.html"
     assert f"report: {report}" in done.stdout + done.stderr
@@ -41,10 +45,21 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert {"pixels", "classifier"} <= set(fidelity["extractors"])
     text = (out / "report" / "report.md").read_text()
     assert all(name in text for name in scenario_names()) and "DEMO DATA" in text
+    # one conditional GAN drew both classes
+    sources = {
+        json.loads((out / "synthetic" / f"class{c}" / "manifest.json").read_text())["source"][
+            "checkpoint_path"
+        ]
+        for c in (0, 1)
+    }
+    assert len(sources) == 1 and "msggan-cond" in sources.pop()
+    gate = next(s for s in record["stages"] if s["stage"] == "collapse gate")["status"]
+    assert gate == "passed" or gate.startswith("collapsed, going on")
+    assert ("GENERATOR COLLAPSED" in text) == (gate != "passed")
 
     # a second run finds every stage complete and redoes nothing
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("classify/*/metrics.json")}
-    again = run_pipeline(out)
+    again = run_pipeline(out, "--keep-going")
     assert again.returncode == 0, again.stderr[-3000:]
     stages = {s["stage"]: s for s in json.loads((out / "pipeline.json").read_text())["stages"]}
     assert stages["data"]["status"] == stages["ingest"]["status"] == "skipped (complete)"

@@ -29,14 +29,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CPU_ONLY = "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G"
 CHAIN = [
-    "demo-data", "ingest", "gan-class0", "generate-class0", "gan-class1", "generate-class1",
+    "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
     "classify", "fidelity", "report",
 ]  # fmt: skip
 # each job's parents, by name ("classify_0": task 0 of the scenario array, real-real)
 PARENTS = {
-    "demo-data": [], "ingest": ["demo-data"], "gan-class0": ["ingest"],
-    "generate-class0": ["gan-class0"], "gan-class1": ["ingest"],
-    "generate-class1": ["gan-class1"], "classify": ["generate-class0", "generate-class1"],
+    "demo-data": [], "ingest": ["demo-data"], "gan": ["ingest"],
+    "generate-class0": ["gan"],
+    "generate-class1": ["gan"], "classify": ["generate-class0", "generate-class1"],
     "fidelity": ["classify_0"], "report": ["classify", "fidelity"],
 }  # fmt: skip
 CHAIN_TIMEOUT = 600  # seconds for the whole tiny chain (about 3 minutes on 2 busy cores)
@@ -189,7 +189,7 @@ def test_a_failed_scenario_task_is_reported_then_rerun_alone(chain, slurm_cluste
     shutil.copytree(chain.out / "classify" / "features", run / "classify" / "features")
     generating = []
     for c in (0, 1):
-        args = ["generate", "--checkpoint", str(chain.out / "gan" / f"class{c}"), "--class", str(c)]
+        args = ["generate", "--checkpoint", str(chain.out / "gan" / "all"), "--class", str(c)]
         args += ["--out", str(run / "synthetic" / f"class{c}"), "--shards", "1", "--per-shard", "1"]
         command = [sys.executable, "-m", "synthbreast", *args, "--output-size", "50"]
         generating.append(

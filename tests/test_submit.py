@@ -31,13 +31,13 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     )
     names = [name for _, name in jobs]
     assert names == [
-        "demo-data", "ingest", "gan-class0", "generate-class0", "gan-class1", "generate-class1",
+        "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
         "classify", "fidelity", "report",
     ]  # fmt: skip
     lines = {name: line for line in script.splitlines() for _, name in jobs if f"-{name} " in line}
     # each job waits for its parents, by the shell variables that hold their ids
     assert "--dependency=afterok:'\"$DEMO_DATA_JOB\"'" in lines["ingest"]
-    assert "--dependency=afterok:'\"$GAN_CLASS1_JOB\"'" in lines["generate-class1"]
+    assert "--dependency=afterok:'\"$GAN_JOB\"'" in lines["generate-class1"]
     assert (
         "$GENERATE_CLASS0_JOB" in lines["classify"] and "$GENERATE_CLASS1_JOB" in lines["classify"]
     )
@@ -46,9 +46,14 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     assert "--classifier-run" in lines["fidelity"] and "--extractor classifier" in lines["fidelity"]
     assert "--dependency=afterany:'\"$CLASSIFY_JOB\"':'\"$FIDELITY_JOB\"''" in lines["report"]
     assert f"--array=0-{len(scenario_names()) - 1}" in lines["classify"]
-    assert "EXTRA='--budget tiny'" in lines["gan-class0"] and "CLASS=0" in lines["gan-class0"]
+    assert "EXTRA='--model msggan-cond --budget tiny'" in lines["gan"]
+    assert "CLASS=" not in lines["gan"] and "CLASS=1" in lines["generate-class1"]
     assert "--weights none" in lines["classify"]
-    assert "slurm/train_gan.sh" in lines["gan-class0"]
+    assert "slurm/train_gan.sh" in lines["gan"]
+    # the paper's one GAN per class, on request
+    per_class = dry_run("all", "--demo", "--out", str(tmp_path / "r2"), "--budget", "tiny",
+                        "--per-class-gans")  # fmt: skip
+    assert "synthbreast-gan-class1 " in per_class and "CLASS=1" in per_class
 
 
 def test_submit_classify_dry_run_caps_the_array_and_reruns_one_task(tmp_path):

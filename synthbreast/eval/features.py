@@ -11,6 +11,10 @@ Registry (`EXTRACTORS`):
   are torchvision's weights, not the TF-ported FID Inception, so values are comparable between
   runs of this tool, not with published FIDs.
 
+- `texture`: fixed random conv features with mean and std pooling (synthbreast/eval/quality.py):
+  the space of the training-time snapshot metric and of generate's collapse check, where a
+  flat colour lands far from tissue. Needs no weights.
+
 Plus `channels`, used for the histograms: each image's per-channel mean and std (6 numbers).
 
 A source is one pool of one shard folder (a manifest); its features are cached in
@@ -289,6 +293,20 @@ def classifier_extractor(run: str | Path | None) -> Extractor:
     return classifier_from_model(model, side, settings)
 
 
+def texture_extractor() -> Extractor:
+    from synthbreast.eval.quality import TEXTURE_SEED, TEXTURE_VERSION, TextureNet
+
+    net = TextureNet()
+    settings = {"seed": TEXTURE_SEED, "version": TEXTURE_VERSION}
+    return Extractor("texture", net.dim, ToTensor(), settings, net_embed(net), net)
+
+
+def net_embed(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    from synthbreast.eval.quality import uint8_to_unit
+
+    return lambda x: net(uint8_to_unit(x))
+
+
 @dataclass(frozen=True)
 class ExtractorOptions:
     pixels_side: int = PIXELS_SIDE
@@ -300,6 +318,7 @@ EXTRACTORS: dict[str, Callable[[ExtractorOptions], Extractor]] = {
     "pixels": lambda o: pixels_extractor(o.pixels_side),
     "classifier": lambda o: classifier_extractor(o.classifier_run),
     "inception": lambda o: inception_extractor(o.weights_path),
+    "texture": lambda o: texture_extractor(),
 }
 
 

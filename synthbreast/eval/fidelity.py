@@ -300,8 +300,8 @@ def validate(config: FidelityConfig) -> None:
 
 def resolve_extractors(config: FidelityConfig) -> tuple[list[str], dict[str, str]]:
     """The extractors to run, and those left out with the reason. Named ones must all work;
-    the default is pixels, plus classifier when a run is given, plus inception when its
-    weights file is present."""
+    the default is pixels and texture, plus classifier when a run is given, plus inception
+    when its weights file is present."""
     if config.extractors:
         names = list(dict.fromkeys(config.extractors))
         for name in names:
@@ -314,7 +314,7 @@ def resolve_extractors(config: FidelityConfig) -> tuple[list[str], dict[str, str
             if reason is not None:
                 raise UserError(reason)
         return names, {}
-    names, skipped = ["pixels"], {}
+    names, skipped = ["pixels", "texture"], {}
     if config.classifier_run:
         names.append("classifier")
     reason = missing_inception_weights(config.weights_path)

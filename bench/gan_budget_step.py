@@ -1,0 +1,76 @@
+"""Training speed of the GAN choices at a budget: img/s of the real training loop.
+
+Runs `train_gan` itself (data loading, augmentation, losses, EMA, everything but the snapshot
+metric) for each variant on the same shards, alternating the variants over rounds so that
+load from other work on the machine hits all of them alike, and prints img/s per variant with
+its ratio to the first one (the peer in the same run). The first tick of each run (start-up,
+worker fork) is left out.
+
+    python bench/gan_budget_step.py --shards SHARDS [--budget small] [--kimg 1.0] [--rounds 2]
+
+SHARDS: an ingest output (e.g. `synthbreast demo-data d && synthbreast ingest d SHARDS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from synthbreast.config import TrainGANConfig
+from synthbreast.train.gan import apply_budget, train_gan
+
+# (label, overrides of the budget): the model, the loss and the augmentation, one at a time
+VARIANTS = [
+    ("msggan (per class), wgan-gp, no aug", dict(model="msggan", class_label=0,
+                                               loss="wgan-gp", augment="none")),
+    ("msggan-cond, wgan-gp, no aug", dict(model="msggan-cond", loss="wgan-gp", augment="none")),
+    ("msggan-cond, wgan-gp, diffaug", dict(model="msggan-cond", loss="wgan-gp",
+                                           augment="diffaug")),
+    ("msggan-cond, logistic-r1, no aug", dict(model="msggan-cond", loss="logistic-r1",
+                                              augment="none")),
+    ("msggan-cond, logistic-r1, diffaug", dict(model="msggan-cond", loss="logistic-r1",
+                                               augment="diffaug")),
+    ("budget default", dict(model="msggan-cond")),
+]  # fmt: skip
+
+
+def img_per_s(shards: Path, budget: str, kimg: float, overrides: dict, outdir: Path) -> float:
+    config = apply_budget(TrainGANConfig(shards=str(shards), outdir=str(outdir)), budget)
+    config = replace(config, kimg=kimg, tick_kimg=kimg / 5, snapshot_kimg=kimg,
+                     checkpoint_kimg=kimg, metric_images=0, **overrides)  # fmt: skip
+    run = train_gan(config, progress_print=lambda _: None)
+    ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    return statistics.mean(t["img_per_s"] for t in ticks[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--budget", default="small")
+    parser.add_argument("--kimg", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, budget {args.budget}")
+    found: dict[str, list[float]] = {label: [] for label, _ in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for i, (label, overrides) in enumerate(VARIANTS):
+                outdir = Path(tmp) / f"r{round_index}-v{i}"
+                found[label].append(img_per_s(args.shards, args.budget, args.kimg, overrides,
+                                              outdir))  # fmt: skip
+    first = statistics.mean(found[VARIANTS[0][0]])
+    print(f"{'variant':40s} {'img/s per round':>24s} {'mean':>8s} {'vs first':>9s}")
+    for label, values in found.items():
+        rounds = " ".join(f"{v:6.1f}" for v in values)
+        mean = statistics.mean(values)
+        print(f"{label:40s} {rounds:>24s} {mean:8.1f} {mean / first:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
