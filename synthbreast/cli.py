@@ -292,6 +292,9 @@ def train_gan(
         _Opt[bool], typer.Option(help="Random flips and 90-degree rotations of real images.")
     ] = None,
     r1_gamma: Annotated[_Opt[float], typer.Option(help="logistic-r1: R1 weight.")] = None,
+    gp_interval: Annotated[
+        _Opt[int], typer.Option(help="wgan-gp: lazy penalty every N steps [1 = the paper].")
+    ] = None,
     metric_images: Annotated[
         _Opt[int], typer.Option(help="Images per class for the snapshot metric (0: off).")
     ] = None,
@@ -354,6 +357,7 @@ def train_gan(
         augment=augment and GanAugment(augment).value,
         dihedral=dihedral,
         r1_gamma=r1_gamma,
+        gp_interval=gp_interval,
         metric_images=metric_images,
         resolution=resolution,
         width=width,

@@ -95,6 +95,7 @@ class TrainGANConfig:
     lr: float = 1e-4
     loss: str = "wgan-gp"  # wgan-gp (the paper) | logistic-r1 (StyleGAN2)
     gp_weight: float = 10.0  # wgan-gp
+    gp_interval: int = 1  # wgan-gp: lazy penalty every N steps (weighted by N); 1 = the paper
     drift: float = 0.001  # wgan-gp
     r1_gamma: float = 0.1  # logistic-r1: R1 weight
     r1_interval: int = 16  # logistic-r1: lazy R1 every N steps

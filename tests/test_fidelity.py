@@ -274,8 +274,10 @@ def test_fidelity_command_end_to_end(demo_shards, tmp_path, monkeypatch):
     report = json.loads((out / "fidelity.json").read_text())
     assert report["schema"] == "synthbreast-fidelity/1"
     assert json.loads((out / "config.json").read_text())["job"] == "FidelityConfig"
-    assert list(report["extractors"]) == ["pixels"]
+    assert list(report["extractors"]) == ["pixels", "texture"]  # the default: no weights needed
     assert INCEPTION_FILE in report["skipped"]["inception"]
+    texture = report["extractors"]["texture"]["overall"]
+    assert texture["recall"] < 0.5  # an untrained generator's noise is unlike the tissue
     pixels = report["extractors"]["pixels"]
     assert set(F.METRIC_KEYS) <= set(pixels["overall"]) and set(pixels["per_class"]) == {"0", "1"}
     assert pixels["overall"][F.FID] > 0 and pixels["overall"]["synthetic_images"] == 120

@@ -139,6 +139,22 @@ def test_r1_penalty_of_a_linear_d_is_its_weight_norm():
     assert on["r1"] == pytest.approx(4 * 0.5 * expected, rel=1e-5) and "r1" not in off
 
 
+def test_lazy_gradient_penalty_comes_every_n_steps_weighted_by_n():
+    torch.manual_seed(0)
+    D = torch.nn.Conv2d(3, 1, 4)  # scores one 4x4 scale: D(x) = conv(x), a known gradient
+
+    def score(scales):
+        return D(scales[0]).flatten()
+
+    real, fake, alpha = [torch.rand(3, 3, 4, 4)], [torch.rand(3, 3, 4, 4)], torch.rand(3)
+    eager = d_loss("wgan-gp", score, real, fake, LossSettings(), step=5, alpha=alpha)[1]
+    lazy = LossSettings(gp_interval=4)
+    on = d_loss("wgan-gp", score, real, fake, lazy, step=8, alpha=alpha)[1]
+    off = d_loss("wgan-gp", score, real, fake, lazy, step=9, alpha=alpha)[1]
+    assert on["gp"] == pytest.approx(4 * eager["gp"]) and "gp" not in off
+    assert off["wasserstein"] == pytest.approx(eager["wasserstein"])
+
+
 # --- the quality metric and the verdict ------------------------------------------------------
 
 

@@ -57,7 +57,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
                  **SMALL_DATA),
     # the CPU demo: about 10 minutes on 2 cores (~24 img/s) for one conditional model
     "small": dict(resolution=64, latent_dim=128, width=1 / 16, kimg=14.0, tick_kimg=0.5,
-                  snapshot_kimg=2.0, checkpoint_kimg=2.0, metric_images=500, **SMALL_DATA),
+                  snapshot_kimg=2.0, checkpoint_kimg=2.0, metric_images=256, **SMALL_DATA),
     # the paper: 64 px, 512 channels, batch 16, WGAN-GP, RMSprop lr 1e-4; for GPUs
     "paper": dict(resolution=64, latent_dim=512, width=1.0, batch_size=16, kimg=1000.0,
                   tick_kimg=4.0, snapshot_kimg=50.0, checkpoint_kimg=50.0, metric_images=1000,
@@ -394,7 +394,9 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
         if spec.conditional
         else None
     )
-    losses = LossSettings(config.gp_weight, config.drift, config.r1_gamma, config.r1_interval)
+    losses = LossSettings(
+        config.gp_weight, config.drift, config.gp_interval, config.r1_gamma, config.r1_interval
+    )
     ada = AdaptiveP(config.batch_size) if config.augment == "ada" else None
     step, history = 0, []
     positions = [[0, 0] for _ in groups]

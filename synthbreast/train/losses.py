@@ -88,24 +88,28 @@ def discriminator_loss(
     gp_weight: float = 10.0,
     drift: float = 0.001,
     alpha: Tensor | None = None,
+    with_penalty: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """mean D(fake) - mean D(real) + gradient penalty + drift * mean D(real)^2.
 
     `fake_scales` must come from the generator run under `torch.no_grad()` (or be detached):
     the D step updates only D. The drift term (ProGAN) keeps real scores near zero so the
-    Wasserstein estimate cannot wander off.
+    Wasserstein estimate cannot wander off. `with_penalty=False` leaves the penalty out (the
+    steps between two penalty steps of a lazy schedule).
     """
     real_scores = D(list(real_scales)).float()
     fake_scores = D(list(fake_scales)).float()
     wasserstein = real_scores.mean() - fake_scores.mean()
     drift_term = drift * real_scores.square().mean()
-    penalty, norms = gradient_penalty(D, real_scales, fake_scales, gp_weight, alpha=alpha)
-    loss = -wasserstein + penalty + drift_term
-    parts = torch.stack(
-        [loss, real_scores.mean(), fake_scores.mean(), wasserstein, penalty, norms.mean()]
-    ).detach()
-    names = ("d_loss", "d_real", "d_fake", "wasserstein", "gp", "grad_norm")
-    stats = dict(zip(names, parts.tolist(), strict=True))
+    loss = -wasserstein + drift_term
+    names = ["d_loss", "d_real", "d_fake", "wasserstein"]
+    parts = [real_scores.mean(), fake_scores.mean(), wasserstein]
+    if with_penalty:
+        penalty, norms = gradient_penalty(D, real_scales, fake_scales, gp_weight, alpha=alpha)
+        loss = loss + penalty
+        names += ["gp", "grad_norm"]
+        parts += [penalty, norms.mean()]
+    stats = dict(zip(names, torch.stack([loss, *parts]).detach().tolist(), strict=True))
     stats["real_sign"] = float(real_scores.detach().sign().mean())  # ADA's r_t
     return loss, stats
 
@@ -170,6 +174,7 @@ def logistic_generator_loss(D: ScoreFn, fake_scales: Scales) -> tuple[Tensor, di
 class LossSettings:
     gp_weight: float = 10.0
     drift: float = 0.001
+    gp_interval: int = 1  # lazy gradient penalty: every N steps, weighted by N
     r1_gamma: float = 0.1
     r1_interval: int = 16
 
@@ -183,11 +188,17 @@ def d_loss(
     step: int,
     alpha: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The D step's loss of loss `name` at training step `step` (lazy terms depend on it)."""
+    """The D step's loss of loss `name` at training step `step` (lazy terms depend on it).
+
+    Lazy penalties (StyleGAN2's lazy regularisation): the penalty every `interval` steps,
+    weighted by the interval, so its average weight is unchanged. The gradient penalty's
+    double backward was 73% of a D step of the small budget (bench/gan_budget_step.py)."""
     if name == "wgan-gp":
+        interval = settings.gp_interval
         return discriminator_loss(
-            D, real_scales, fake_scales, settings.gp_weight, settings.drift, alpha=alpha
-        )
+            D, real_scales, fake_scales, settings.gp_weight * interval, settings.drift,
+            alpha=alpha, with_penalty=step % interval == 0,
+        )  # fmt: skip
     r1_now = settings.r1_interval if step % settings.r1_interval == 0 else 0
     return logistic_discriminator_loss(D, real_scales, fake_scales, settings.r1_gamma, r1_now)
 
