@@ -65,7 +65,6 @@ IDENTITY_FIELDS = (
     "batch_size",
 )
 QUALITY_IMAGES = 500  # generated images the collapse check compares with the real ones
-QUALITY_REAL = 2000  # real images of the class, at most (the GAN's pool)
 
 
 def shard_name(shard: int) -> str:
