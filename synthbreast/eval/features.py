@@ -294,17 +294,11 @@ def classifier_extractor(run: str | Path | None) -> Extractor:
 
 
 def texture_extractor() -> Extractor:
-    from synthbreast.eval.quality import TEXTURE_SEED, TEXTURE_VERSION, TextureNet
+    from synthbreast.eval.quality import TEXTURE_SEED, TEXTURE_VERSION, TextureNet, uint8_to_unit
 
     net = TextureNet()
     settings = {"seed": TEXTURE_SEED, "version": TEXTURE_VERSION}
-    return Extractor("texture", net.dim, ToTensor(), settings, net_embed(net), net)
-
-
-def net_embed(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    from synthbreast.eval.quality import uint8_to_unit
-
-    return lambda x: net(uint8_to_unit(x))
+    return Extractor("texture", net.dim, ToTensor(), settings, lambda x: net(uint8_to_unit(x)), net)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def get_model(name: str) -> GANSpec:
 def build_config(spec: GANSpec, data: dict[str, Any]) -> Any:
     """The spec's config from a checkpoint's JSON; unknown keys are an error."""
     config = spec.config_type.from_dict(data)
-    if spec.conditional != (getattr(config, "num_classes", 0) >= 2):
+    if spec.conditional != config.conditional:
         kind = "conditional" if spec.conditional else "unconditional"
         classes = getattr(config, "num_classes", 0)
         raise ValueError(f"model {spec.name} is {kind}, but its config has num_classes={classes}")

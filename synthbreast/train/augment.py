@@ -57,16 +57,16 @@ class Augment:
         def draw(*shape: int) -> Tensor:
             return torch.rand(n, *shape, generator=generator)
 
-        def on(_: str) -> Tensor:  # which samples get this transform
+        def on() -> Tensor:  # which samples get the transform (one draw per transform)
             return (draw() < p).float()
 
-        self.brightness = (draw() - 0.5) * on("brightness")  # +-0.5 on [-1, 1] images
-        self.saturation = 1 + (draw() * 2 - 1) * on("saturation")  # x [0, 2]
-        self.contrast = 1 + (draw() - 0.5) * on("contrast")  # x [0.5, 1.5]
+        self.brightness = (draw() - 0.5) * on()  # +-0.5 on [-1, 1] images
+        self.saturation = 1 + (draw() * 2 - 1) * on()  # x [0, 2]
+        self.contrast = 1 + (draw() - 0.5) * on()  # x [0.5, 1.5]
         # translation in units of the side, and a cutout centre in [0, 1]
-        self.shift = (draw(2) * 2 - 1) * TRANSLATION * on("translation")[:, None]
+        self.shift = (draw(2) * 2 - 1) * TRANSLATION * on()[:, None]
         self.cut_centre = draw(2)
-        self.cut_on = on("cutout")
+        self.cut_on = on()
 
     def colour(self, x: Tensor) -> Tensor:
         b = self.brightness.to(x)[:, None, None, None]
