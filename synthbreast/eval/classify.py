@@ -202,17 +202,24 @@ def load_plan(plan: DataPlan, seed: int, load_shard: Callable[[ShardRef, str], S
     return Samples.concat(chosen)
 
 
-def preprocess(images: torch.Tensor, size: int | None, device: torch.device) -> torch.Tensor:
+def preprocess(
+    images: torch.Tensor,
+    size: int | None,
+    device: torch.device,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> float, resized to size x size (bilinear, antialiased when
-    shrinking), normalised with ImageNet's mean and std. Resize and normalisation commute."""
+    shrinking), normalised with the backbone's mean and std (ImageNet's for torchvision's
+    weights). Resize and normalisation commute."""
     x = images.to(device, non_blocking=True).float().div_(255)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(
             x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
         )
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
 
 
 # --- cached features -------------------------------------------------------------------------
@@ -247,6 +254,7 @@ class FeatureCache:
             "preprocess": PREPROCESS_VERSION,
         }
         self.model, self.size, self.device, self.batch_size = model, size, device, batch_size
+        self.norm = (backbone_spec(backbone).mean, backbone_spec(backbone).std)
         self.progress, self.log = progress, log
         self.task = None
         self.computed = self.reused = 0
@@ -286,7 +294,8 @@ class FeatureCache:
         self.model.eval()
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = preprocess(images[start : start + self.batch_size], self.size, self.device)
+            images_in = images[start : start + self.batch_size]
+            batch = preprocess(images_in, self.size, self.device, *self.norm)
             out.append(backbone_features(self.model, batch).float().cpu())
             if self.task is not None:
                 self.progress.advance(self.task, len(batch))
@@ -535,8 +544,10 @@ def _run(config: ClassifyConfig, run_dir: Path, progress, log: Log | None) -> No
         train, test = (load_plan(p, config.seed, read_shard) for p in (plan.train, plan.test))
         forward = model
 
+        norm = (backbone_spec(config.backbone).mean, backbone_spec(config.backbone).std)
+
         def prepare(x: torch.Tensor) -> torch.Tensor:
-            return preprocess(x, size, device)
+            return preprocess(x, size, device, *norm)
 
     check_classes(train, test)
 

@@ -62,6 +62,8 @@ from synthbreast.models.classifier import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     backbone_features,
+    backbone_spec,
+    classifier_for_state,
 )
 
 FEATURES_VERSION = 1  # part of every cache key: bump when an extractor's arithmetic changes
@@ -243,12 +245,15 @@ def inception_extractor(weights_path: str | Path | None = None) -> Extractor:
 
 
 def classifier_from_model(
-    model: torchvision.models.ResNet, input_size: int | None, settings: dict[str, Any]
+    model: nn.Module,
+    input_size: int | None,
+    settings: dict[str, Any],
+    norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> Extractor:
     model.eval().requires_grad_(False)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
-        return backbone_features(model, _normalised(x, input_size, IMAGENET_MEAN, IMAGENET_STD))
+        return backbone_features(model, _normalised(x, input_size, *norm))
 
     dim = model.fc.in_features
     return Extractor("classifier", dim, ToTensor(), settings, embed, model)
@@ -277,7 +282,7 @@ def classifier_extractor(run: str | Path | None) -> Extractor:
         )
     if input_size != "native" and not input_size.isdigit():
         raise UserError(f"{config_path}: input_size {input_size!r} is not 'native' or pixels")
-    model = getattr(torchvision.models, backbone)(num_classes=2)
+    model = classifier_for_state(backbone)
     try:
         model.load_state_dict(load_file(weights))
     except Exception as err:
@@ -289,8 +294,12 @@ def classifier_extractor(run: str | Path | None) -> Extractor:
         "backbone": backbone,
         "input_size": input_size,
         "model_sha256": sha256_file(weights),
+        # what the features are: a frozen random backbone's are not a histology space
+        "mode": config.get("mode"),
+        "weights": config.get("weights"),
     }
-    return classifier_from_model(model, side, settings)
+    spec = backbone_spec(backbone)
+    return classifier_from_model(model, side, settings, (spec.mean, spec.std))
 
 
 def texture_extractor() -> Extractor:
