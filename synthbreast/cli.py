@@ -450,6 +450,78 @@ def generate(
     )
 
 
+@app.command("import-synthetic")
+@user_errors
+def import_synthetic(
+    folder: Annotated[
+        Path, typer.Argument(help="Images of any generator: FOLDER/<class>/*.png|jpg|jpeg.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for one generate-style folder per class.")],
+    labels: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A CSV with columns path,label (path relative to FOLDER)."),
+    ] = None,
+    real: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="The real ingest folder: its class names and image size are the rule."),
+    ] = None,
+    generator: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help='What made the images, e.g. "StyleGAN2-ADA 64px, lab X".'),
+    ] = None,
+    size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Resize to this side, e.g. 50 = real IDC (default: keep; one size)."),
+    ] = None,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(help="Skip unreadable, mislabelled or odd-sized files; count them."),
+    ] = False,
+    shard_size: Annotated[int, typer.Option(help="At most this many images per shard.")] = 1000,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Turn images made by any model (diffusion, StyleGAN, another lab's GAN) into synthetic
+    shards as `generate` writes them: OUT/class<C>/ per class, so `classify --synthetic OUT`,
+    `fidelity` and memorisation use them unchanged.
+
+    Every image becomes an RGB PNG; its json names its source path and sha256; the manifests
+    record FOLDER, the label source, --generator, counts, shard sha256s and skipped files.
+    Rerunning on a complete OUT skips; an OUT of another import is refused.
+    """
+    from synthbreast.config import ImportSyntheticConfig
+    from synthbreast.data.import_synthetic import run_import
+
+    config = ImportSyntheticConfig(
+        folder=str(folder),
+        out=str(out),
+        labels=str(labels) if labels else None,
+        real=str(real) if real else None,
+        generator=generator,
+        size=size,
+        skip_bad=skip_bad,
+        shard_size=shard_size,
+    )
+    if dry_run:
+        print(dumps(config))
+        return
+    with progress_bar() as progress:
+        summary = run_import(config, progress)
+    if summary["complete_already"]:
+        console.print(f"{out} is complete (same FOLDER, options and files): nothing to do")
+    table = Table(title=f"{out}: {summary['image_size']} px RGB PNG")
+    for column in ("class", "images", "shards", "written now", "folder"):
+        table.add_column(column, justify="left" if column == "folder" else "right")
+    for info in summary["classes"].values():
+        row = (info["name"], info["images"], info["shards"], info["written"], info["folder"])
+        table.add_row(*map(str, row))
+    console.print(table)
+    if summary["skipped"]:
+        console.print(f"skipped: {json.dumps(summary['skipped'])} (listed in the manifests)")
+    if summary["unlisted"]:
+        console.print(f"{summary['unlisted']} images in FOLDER are not in --labels (left out)")
+    console.print(f"use them with: synthbreast classify --synthetic {out} ...", highlight=False)
+
+
 @app.command()
 @user_errors
 def pipeline(

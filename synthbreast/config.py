@@ -136,6 +136,22 @@ class GenerateConfig:
 
 
 @dataclass
+class ImportSyntheticConfig:
+    """`synthbreast import-synthetic`: images made by any generator -> synthetic shards as
+    `generate` writes them, one folder per class (OUT/class<C>/). Paths are stored absolute:
+    an OUT holds one import, and a rerun is compared with it."""
+
+    folder: str  # FOLDER/<class>/*.png|jpg|jpeg, or the files a --labels CSV names
+    out: str
+    labels: str | None = None  # a CSV with columns path,label (path relative to FOLDER)
+    real: str | None = None  # an ingest folder: its class names and image size are the rule
+    generator: str | None = None  # what made the images, e.g. "StyleGAN2-ADA 64px, lab X"
+    size: int | None = None  # resize every image to size x size (bicubic); None: keep, one size
+    skip_bad: bool = False  # skip (and count) unreadable, mislabelled or odd-sized files
+    shard_size: int = 1000  # at most this many images per shard (generate's --per-shard)
+
+
+@dataclass
 class PipelineConfig:
     """`synthbreast pipeline`: data -> ingest -> GAN (one conditional, or one per class) ->
     generate -> classify -> fidelity -> report, on one machine; every stage skips what is
