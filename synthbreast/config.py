@@ -204,6 +204,39 @@ class ClassifyConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`synthbreast study`: does adding synthetic images to the real training images help?
+    Patient-level stratified k-fold cross-validation over the real patients of the ingest's
+    train and test pools (never the gan pool: the GAN saw those patients), real-only (ratio 0)
+    against real plus ratio x synthetic images per class, repeated over seeds, with the
+    classifier of `synthbreast classify` (synthbreast/eval/study.py). One task per
+    (seed, fold, ratio); writes OUT/config.json, OUT/tasks/<task>.json and OUT/summary.json.
+    """
+
+    out: str
+    real: str  # an ingest shard folder: the patients of its train and test pools are split
+    synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
+    folds: int = 5
+    synth_ratios: list[float] = dataclasses.field(default_factory=lambda: [0, 0.25, 0.5, 1, 2])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # split, init, order
+    balance_minority: bool = False  # synthetic for minority classes only: ratio x the gap
+    task_id: int | None = None  # one task of the ordered list (a Slurm array task); None: all
+    backbone: str = "resnet18"  # the classifier options are classify's
+    weights: str = "imagenet"
+    weights_path: str | None = None
+    mode: str = "frozen"
+    input_size: str = "224"
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 1e-3
+    cache_features: bool = True  # frozen: classify's per-shard feature cache, shared by tasks
+    feature_cache: str | None = None  # None: OUT/features
+    feature_batch_size: int = 128
+    device: str = "auto"
+    force: bool = False  # redo tasks whose result exists (same config only)
+
+
+@dataclass
 class ReportConfig:
     """`synthbreast report`: every run under RUNS -> report.md, report.html, metrics.csv."""
 
