@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from synthbreast.data.shards import MANIFEST, SCHEMA, decode_image, image_bytes, iter_shard
+from synthbreast.errors import UserError
 from synthbreast.eval.scenarios import scenario_names
+from synthbreast.eval.study import STUDY_JOB, read_study, summarise
 from synthbreast.fileio import read_json, sha256_file
 
 METRICS_SCHEMA = "synthbreast-classify-metrics/1"
@@ -133,6 +135,26 @@ class ShardFolder:
 
 
 @dataclass
+class StudyRun:
+    """A `synthbreast study` folder: its summary recomputed from the task files now (None, with
+    `error`, when the study cannot be read)."""
+
+    folder: Path
+    summary: dict[str, Any] | None
+    error: str | None = None
+
+
+def read_study_run(folder: Path, problems: list[str]) -> StudyRun:
+    try:
+        config, results, failed = read_study(folder, problems)
+        return StudyRun(folder, summarise(config, results, failed))
+    except (UserError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        problems.append(f"{folder}: the study cannot be summarised ({error})")
+        return StudyRun(folder, None, error)
+
+
+@dataclass
 class Collected:
     runs: Path
     scenarios: list[ScenarioRun]  # the registry's scenarios in order, then unknown names
@@ -142,6 +164,7 @@ class Collected:
     fidelity: dict[str, Any] | None = None
     fidelity_path: Path | None = None
     problems: list[str] = field(default_factory=list)
+    studies: list[StudyRun] = field(default_factory=list)  # `synthbreast study` folders
 
 
 # --- walking RUNS ------------------------------------------------------------------------------
@@ -281,12 +304,17 @@ def collect(runs: str | Path, exclude: list[str | Path] | None = None) -> Collec
     real, synthetic = [], []
     fidelity, fidelity_path = None, None
     expected = scenario_names()
+    studies: list[StudyRun] = []
     for folder, files in _walk(runs, skip):
         result = _classify_result(folder, files, problems, expected)
         if result is not None:
             name, run, when = result
             by_scenario.setdefault(name, []).append((run, when))
             continue
+        if CONFIG in files:
+            config = _read(folder / CONFIG, problems)
+            if isinstance(config, dict) and config.get("job") == STUDY_JOB:
+                studies.append(read_study_run(folder, problems))
         if CONFIG in files and STATS in files:
             config = _read(folder / CONFIG, problems)
             if isinstance(config, dict) and config.get("job") == "TrainGANConfig":
@@ -338,7 +366,20 @@ def collect(runs: str | Path, exclude: list[str | Path] | None = None) -> Collec
                     shards = ShardFolder(path.parent, manifest, sha256_file(path))
                     (synthetic if shards.synthetic else real).append(shards)
     gan_runs.sort(key=lambda r: (r.class_label is None, r.class_label or 0, r.name))
-    return Collected(runs, scenarios, gan_runs, real, synthetic, fidelity, fidelity_path, problems)
+    # the real shards a study split, for the demo-data warning and provenance
+    for study in studies:
+        config = (study.summary or {}).get("config") or {}
+        path = Path(str(config.get("real", ""))) / MANIFEST
+        if config.get("real") and path.is_file() and path.resolve() not in known:
+            known.add(path.resolve())
+            manifest = _read(path, problems)
+            if isinstance(manifest, dict) and manifest.get("schema") == SCHEMA:
+                real.append(ShardFolder(path.parent, manifest, sha256_file(path)))
+    collected = Collected(
+        runs, scenarios, gan_runs, real, synthetic, fidelity, fidelity_path, problems
+    )
+    collected.studies = studies
+    return collected
 
 
 # --- sample images for the grids ---------------------------------------------------------------

@@ -54,6 +54,7 @@ FIGURE_PATTERNS = (
     "fakes-*.png",
     "grid-*.png",
     "fidelity-*.png",
+    "study-*.svg",
 )
 REPORT_MD, REPORT_HTML, METRICS_CSV = "report.md", "report.html", "metrics.csv"
 PAPER = (
@@ -89,6 +90,7 @@ SECTIONS = (
     "Sample grids",
     "GAN training",
     "Fidelity",
+    "Augmentation study",
     "Provenance",
 )
 CSV_COLUMNS = (
@@ -1028,6 +1030,9 @@ def build_document(collected: Collected, config: ReportConfig) -> tuple[Document
     grids_section(doc, collected, config, collapse)
     gan_section(doc, collected)
     fidelity_section(doc, collected, collapse)
+    from synthbreast.report.study import study_section  # it imports this module
+
+    study_section(doc, collected)
     provenance_section(doc, collected)  # last: it lists problems the others found
     return doc, rows
 
