@@ -647,6 +647,63 @@ def submit_classify(
     _submit([classify_job(real, synthetic, out, extra, spec, [])], out, sbatch_args, dry_run)
 
 
+@submit_app.command("study")
+@user_errors
+def submit_study(
+    real: Annotated[Path, typer.Option(help="Real shards (ingest output).")],
+    out: Annotated[Path, typer.Option(help="The study folder.")],
+    synthetic: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="Synthetic shard folder(s); needed for ratios above 0."),
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Patient-level folds.")] = 5,
+    synth_ratio: Annotated[
+        str, typer.Option(help="Synthetic per real training image, per class; 0 always in.")
+    ] = "0,0.25,0.5,1,2",
+    seeds: Annotated[str, typer.Option(help="Seeds (fold split, init, order).")] = "0,1,2",
+    balance_minority: Annotated[
+        bool, typer.Option(help="Synthetic images for the minority classes only.")
+    ] = False,
+    tasks: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Array indices, e.g. 7 or 0-14 [default: every task]."),
+    ] = None,
+    max_parallel: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Run at most this many array tasks at once (sbatch --array=...%P)."),
+    ] = None,
+    extra: Annotated[
+        str, typer.Option(help="More study flags (the classifier's), e.g. '--epochs 30'.")
+    ] = "",
+    sbatch_args: SbatchArgs = "",
+    dry_run: DryRun = False,
+) -> None:
+    """The augmentation study as one array job (task k runs `synthbreast study --task-id k`),
+    then its summary (`study --collect`) and the report of OUT (OUT/report)."""
+    from synthbreast.config import StudyConfig
+    from synthbreast.eval.study import normalise, parse_ratios, parse_seeds, task_list, validate
+    from synthbreast.submit import array_range, study_jobs
+
+    real, out = real.absolute(), out.absolute()
+    synthetic = [s.absolute() for s in synthetic or []]
+    config = StudyConfig(
+        out=str(out), real=str(real), synthetic=[str(s) for s in synthetic], folds=folds,
+        synth_ratios=parse_ratios(synth_ratio), seeds=parse_seeds(seeds),
+        balance_minority=balance_minority,
+    )  # fmt: skip
+    config = normalise(config)
+    validate(config)
+    spec = tasks or array_range(len(task_list(config)), max_parallel)
+    if tasks and max_parallel:
+        spec = f"{tasks}%{max_parallel}"
+    study_args = ["--folds", str(config.folds)]
+    study_args += ["--synth-ratio", ",".join(f"{r:g}" for r in config.synth_ratios)]
+    study_args += ["--seeds", ",".join(map(str, config.seeds))]
+    study_args += ["--balance-minority"] if balance_minority else []
+    study_args += extra.split()
+    _submit(study_jobs(real, synthetic, out, study_args, spec), out, sbatch_args, dry_run)
+
+
 @submit_app.command("report")
 @user_errors
 def submit_report(

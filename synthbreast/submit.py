@@ -150,6 +150,29 @@ def report_job(runs: Path, out: Path, after: list[str]) -> Job:
     )
 
 
+def study_jobs(
+    real: Path, synthetic: list[Path], out: Path, study_args: list[str], tasks: str
+) -> list[Job]:
+    """The augmentation study: one array job (task k = the study's task k, slurm/study.sh),
+    then its summary (`synthbreast study --out OUT --collect`) and the report of OUT, each
+    afterany: a failed task is listed in the summary and the report, not waited for forever.
+    The folder is STUDY, not OUT, in the array's environment: `status` reruns REAL/SYNTHETIC/OUT
+    arrays as classify scenarios."""
+    env = {
+        "REAL": str(real),
+        "SYNTHETIC": " ".join(str(s) for s in synthetic),
+        "STUDY": str(out),
+        "EXTRA": " ".join(study_args),
+    }
+    summary_args = ["study", "--out", str(out), "--collect"]
+    return [
+        Job("study", str(slurm_dir() / "study.sh"), env, array=tasks),
+        Job("study-summary", str(slurm_dir() / "run.sh"), args=summary_args, after=["study"],
+            dependency_type="afterany"),
+        report_job(out, out / "report", ["study-summary"]),
+    ]  # fmt: skip
+
+
 def plan_all(
     data: Path | None,
     out: Path,
