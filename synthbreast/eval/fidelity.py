@@ -37,6 +37,7 @@ from synthbreast.errors import UserError
 from synthbreast.eval import plots
 from synthbreast.eval.features import (
     EXTRACTORS,
+    MISSING_WEIGHTS,
     Extractor,
     ExtractorOptions,
     Features,
@@ -46,7 +47,6 @@ from synthbreast.eval.features import (
     channels_extractor,
     concatenate,
     load_images,
-    missing_inception_weights,
     real_source,
     synthetic_sources,
 )
@@ -278,7 +278,7 @@ HISTOGRAMS_PNG = "histograms.png"
 PLOT_POINTS = 2000  # at most this many points per group in a scatter
 PCA_FIT_POINTS = 10_000  # the PCA is fitted to at most this many of each set
 TSNE_POINTS = 2000  # t-SNE of at most this many points in all
-PREFERRED = ("inception", "classifier", "pixels")  # whose PCA is the top-level pca_png
+PREFERRED = ("inception", "inception-torchvision", "classifier", "pixels")  # top-level pca_png
 # Config fields that do not change results: a finished run is reused whatever they are.
 NOT_IDENTITY = ("force", "workers", "batch_size", "device")
 
@@ -309,15 +309,21 @@ def resolve_extractors(config: FidelityConfig) -> tuple[list[str], dict[str, str
                 raise UserError(
                     f"--extractor {name!r} unknown; choose from {', '.join(EXTRACTORS)}"
                 )
-        if "inception" in names:
-            reason = missing_inception_weights(config.weights_path)
+        weighted = [name for name in names if name in MISSING_WEIGHTS]
+        if len(weighted) > 1 and config.weights_path:
+            raise UserError(
+                f"--weights-path is one file, for one of {' and '.join(weighted)}: run them "
+                "without it (each from its default place) or in separate --out folders"
+            )
+        for name in weighted:
+            reason = MISSING_WEIGHTS[name](config.weights_path)
             if reason is not None:
                 raise UserError(reason)
         return names, {}
     names, skipped = ["pixels", "texture"], {}
     if config.classifier_run:
         names.append("classifier")
-    reason = missing_inception_weights(config.weights_path)
+    reason = MISSING_WEIGHTS["inception"](config.weights_path)  # the standard FID network
     if reason is None:
         names.append("inception")
     else:
