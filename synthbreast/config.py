@@ -166,6 +166,7 @@ class PipelineConfig:
     budget: str = "small"  # tiny | small | paper (synthbreast/pipeline.py PIPELINE_BUDGETS)
     per_class_gans: bool = False  # the paper's one MSG-GAN per class; default one conditional
     keep_going: bool = False  # classify even when the generator collapsed (the report warns)
+    backbone: str | None = None  # classifier backbone: None = the budget's
     weights: str | None = None  # classifier weights: None = the budget's (none, or imagenet)
     weights_path: str | None = None
     seed: int = 0
@@ -185,7 +186,7 @@ class ClassifyConfig:
     synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
     scenario: str | None = None  # a scenario name, or "all"
     task_id: int | None = None  # or the scenario's index (a Slurm array task)
-    backbone: str = "resnet18"  # resnet18 | resnet50
+    backbone: str = "resnet18"  # resnet18 | resnet50 | efficientnet-lite0 (models/classifier.py)
     weights: str = "imagenet"  # imagenet (file, never downloaded) | none (random init)
     weights_path: str | None = None  # None: the torch hub cache's torchvision file
     mode: str = "frozen"  # frozen (only the fc learns; BatchNorm statistics kept) | finetune
@@ -259,7 +260,9 @@ class FidelityConfig:
     real_pool: str = "test"  # compared with the synthetic images: unseen patients
     train_pool: str = "gan"  # what the GAN saw: memorisation's reference
     heldout_pool: str = "test"  # memorisation's control: patients the GAN never saw
-    weights_path: str | None = None  # Inception-v3 file; None: the torch hub cache's
+    floor_pool: str = "train"  # the real-vs-real floor: other unseen patients vs real_pool
+    histology_cache: str | None = None  # the trained histology space; None: OUT/features
+    weights_path: str | None = None  # the Inception extractor's file; None: its default place
     classifier_run: str | None = None  # a classify run folder (config.json, model.safetensors)
     pixels_side: int = 16  # the pixels extractor's side: 16 x 16 x 3 = 768 features
     nearest_k: int = 5  # PRDC's k (Naeem et al. 2020)

@@ -285,9 +285,10 @@ def test_fidelity_command_end_to_end(demo_shards, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
 
     report = json.loads((out / "fidelity.json").read_text())
-    assert report["schema"] == "synthbreast-fidelity/1"
+    assert report["schema"] == F.SCHEMA
     assert json.loads((out / "config.json").read_text())["job"] == "FidelityConfig"
-    assert list(report["extractors"]) == ["pixels", "texture"]  # the default: no weights needed
+    # the default: no weights needed; histology is trained on the real train pool
+    assert list(report["extractors"]) == ["pixels", "texture", "histology"]
     assert INSTALL_PRETRAINED in report["skipped"]["inception"]
     texture = report["extractors"]["texture"]["overall"]
     assert texture["recall"] < 0.5  # an untrained generator's noise is unlike the tissue

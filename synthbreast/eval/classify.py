@@ -111,9 +111,11 @@ def parse_input_size(value: str | int) -> int | None:
 
 
 def validate(config: ClassifyConfig) -> None:
-    backbone_spec(config.backbone)
+    spec = backbone_spec(config.backbone)
     if config.weights not in WEIGHTS:
         raise UserError(f"--weights {config.weights!r} unknown; choose from {', '.join(WEIGHTS)}")
+    if config.weights == "imagenet" and spec.imagenet is None:
+        raise UserError(f"--backbone {config.backbone} has no ImageNet weights: use --weights none")
     if config.mode not in MODES:
         raise UserError(f"--mode {config.mode!r} unknown; choose from {', '.join(MODES)}")
     parse_input_size(config.input_size)
@@ -422,13 +424,36 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _RUN_ONLY_FIELDS}
 
 
-def is_complete(run_dir: Path, config: ClassifyConfig) -> bool:
-    """metrics.json exists and was made by this same job; a different job there is an error."""
+def inputs_changed(run_dir: Path, plan: ScenarioPlan) -> list[str]:
+    """The data manifests a finished run read that are no longer those the plan reads (a
+    regenerated synthetic set, a re-ingest): its metrics describe other data."""
+    try:
+        data = read_json(run_dir / METRICS)["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["metrics.json unreadable"]
+    changed = []
+    for part, now in (("train", plan.train), ("test", plan.test)):
+        before = {m["path"]: m["sha256"] for m in data.get(part, {}).get("manifests", [])}
+        current = {m["path"]: m["sha256"] for m in now.manifests()}
+        changed += [
+            f"{part}: {path}" for path in sorted(current) if before.get(path) != current[path]
+        ]
+        changed += [
+            f"{part}: {path} (no longer read)" for path in sorted(set(before) - set(current))
+        ]
+    return changed
+
+
+def is_complete(run_dir: Path, config: ClassifyConfig, plan: ScenarioPlan | None = None) -> bool:
+    """metrics.json exists and was made by this same job from the same data (the manifests'
+    sha256); a different job there is an error, changed data a redo."""
     if not (run_dir / METRICS).is_file():
         return False
     try:
         before = read_json(run_dir / CONFIG)
     except (OSError, ValueError):
+        return False
+    if plan is not None and inputs_changed(run_dir, plan):
         return False
     if comparable(before) != comparable(to_dict(config)):
         differ = sorted(
@@ -482,27 +507,41 @@ def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) 
     # name and index both recorded, so --task-id 0 and --scenario real-real are the same job
     config = dataclasses.replace(config, scenario=scenario.name, task_id=task_id)
     run_dir = run_dir_of(config, scenario.name)
-    if not config.force and is_complete(run_dir, config):
+    try:
+        plan = plan_scenario(scenario, task_id, config.real, config.synthetic, config.synth_ratio)
+    except UserError as err:
+        write_failed(run_dir, scenario.name, task_id, err)
+        raise
+    if not config.force and is_complete(run_dir, config, plan):
         if log:
             log(f"{scenario.name}: complete, skipped ({run_dir / METRICS}; --force redoes it)")
         return run_dir
+    if log and (run_dir / METRICS).is_file() and not config.force:
+        changed = inputs_changed(run_dir, plan)
+        log(f"{scenario.name}: its data changed since it ran ({'; '.join(changed[:3])}): redone")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG)
     try:
         _run(config, run_dir, progress, log)
     except Exception as err:
-        atomic_write_json(
-            run_dir / FAILED,
-            {
-                "scenario": scenario.name,
-                "task_id": task_id,
-                "error": f"{type(err).__name__}: {err}",
-                "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
+        write_failed(run_dir, scenario.name, task_id, err)
         raise
     (run_dir / FAILED).unlink(missing_ok=True)
     return run_dir
+
+
+def write_failed(run_dir: Path, scenario: str, task_id: int, err: Exception) -> None:
+    """failed.json: why this scenario stopped (status and the report read it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        run_dir / FAILED,
+        {
+            "scenario": scenario,
+            "task_id": task_id,
+            "error": f"{type(err).__name__}: {err}",
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
 
 
 def _run(config: ClassifyConfig, run_dir: Path, progress, log: Log | None) -> None:

