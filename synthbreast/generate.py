@@ -333,6 +333,25 @@ def training_source(train_config: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def training_provenance(train_config: dict[str, Any]) -> dict[str, Any]:
+    """Which real patients the GAN saw: its ingest (manifest sha256, split seed), pool and that
+    pool's patients, so that classify and fidelity can refuse a test pool it trained on."""
+    shards, pool = train_config.get("shards"), train_config.get("pool", "gan")
+    try:
+        manifest_path = Path(shards) / MANIFEST
+        manifest = load_manifest(Path(shards))
+        patients = manifest["pools"][pool]["patients"]
+    except (TypeError, KeyError, UserError, OSError, ValueError):
+        return {"training_pool": pool, "training_patients": None}  # not readable: unchecked
+    return {
+        "training_pool": pool,
+        "training_manifest": str(manifest_path),
+        "training_manifest_sha256": sha256_file(manifest_path),
+        "training_split_seed": manifest.get("config", {}).get("seed"),
+        "training_patients": sorted(patients),
+    }
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in about [-1, 1] -> (N, H, W, 3) uint8."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -443,6 +462,7 @@ def new_manifest(
             "model_name": checkpoint.get("model_name"),
             "model": checkpoint["model"],
             "training_shards": checkpoint["train_config"].get("shards"),
+            **checkpoint["provenance"],
         },
         "sample": {"keys": SAMPLE_KEYS, "image_size": job["output_size"]},
         # planned up front, as ingest does; `shards` below grows as shards land
@@ -554,6 +574,7 @@ def run_generate(
     size = config.output_size or G.config.resolution
     job = job_identity(config, checkpoint["sha256"], label, size)
     checkpoint["training_source"] = training_source(checkpoint["train_config"])
+    checkpoint["provenance"] = training_provenance(checkpoint["train_config"])
     class_names = checkpoint["training_source"].get("class_names", CLASS_NAMES)
     if not 0 <= label < len(class_names):
         raise UserError(f"--class {label} unknown: classes are 0..{len(class_names) - 1}")

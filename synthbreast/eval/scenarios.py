@@ -263,6 +263,32 @@ def load_synthetic(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_provenance(
+    real_root: Path,
+    real_manifest: dict[str, Any],
+    pools: Sequence[str],
+    folder: Path,
+    synthetic_manifest: dict[str, Any],
+) -> None:
+    """Refuse synthetic images whose GAN saw patients of these real pools (the unseen patients a
+    result is measured on): they would score the GAN's memory of them, not generalisation.
+    The GAN's patients are recorded by `generate` (source.training_patients); sets made before
+    that, or imported with `import-synthetic`, record none and are not checked."""
+    source = synthetic_manifest.get("source", {})
+    seen = set(source.get("training_patients") or [])
+    for pool in pools:
+        overlap = sorted(seen & set(real_manifest["pools"].get(pool, {}).get("patients", [])))
+        if overlap:
+            shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
+            raise UserError(
+                f"--synthetic {folder}: its GAN was trained on {len(overlap)} patients of the "
+                f"{pool!r} pool of {real_root / MANIFEST} ({shown}), from "
+                f"{source.get('training_manifest')} pool {source.get('training_pool')!r}: "
+                f"results on that pool would be inflated. Train the GAN on the gan pool of the "
+                f"same ingest (`train-gan --pool gan`)"
+            )
+
+
 def plan_scenario(
     scenario: Scenario,
     task_id: int,
@@ -288,7 +314,10 @@ def plan_scenario(
     if any(s.startswith("synth") for s in sources):
         folders = synthetic_folders(synthetic, f"scenario {scenario.name}")
         for folder in folders:
-            synth_shards += _refs(folder, load_synthetic(folder), SYNTHETIC_POOL)
+            synthetic_manifest = load_synthetic(folder)
+            if real_parts:
+                check_provenance(root, manifest, [REAL_TEST_POOL], folder, synthetic_manifest)
+            synth_shards += _refs(folder, synthetic_manifest, SYNTHETIC_POOL)
 
     def synthetic_part(select: str, limit: dict[int, int] | None = None) -> Part:
         names = {
