@@ -234,20 +234,18 @@ def plan_all(
         name = f"generate-class{c}"
         jobs.append(Job(name, str(scripts / "generate.sh"), gen_env, array=tasks, after=[gan_name]))
         generated.append(name)
-    extra = f"--weights {settings['weights']} --epochs {settings['classify_epochs']}"
+    extra = f"--backbone {settings['backbone']} --weights {settings['weights']}"
+    extra += f" --epochs {settings['classify_epochs']}"
     extra += f" --input-size {settings['input_size']}"
     tasks = array_range(len(scenario_names()), max_parallel)
     jobs.append(classify_job(shards, [synthetic], out / "classify", extra, tasks, generated))
-    # fidelity measures in the real-real classifier's feature space (as `pipeline` does): it
-    # waits for that task alone, whatever its end (a failed one fails fidelity, not the report)
     fidelity_args = ["fidelity", "--real", str(shards), "--synthetic", str(synthetic)]
     fidelity_args += ["--out", str(out / "fidelity")]
-    fidelity_args += ["--classifier-run", str(out / "classify" / scenario_names()[0])]
-    for name in settings["fidelity_extractors"]:  # none named: pixels, classifier, inception
+    for name in settings["fidelity_extractors"]:  # none named: the default extractors
         fidelity_args += ["--extractor", name]
-    jobs.append(
-        Job("fidelity", run, args=fidelity_args, after=["classify_0"], dependency_type="afterany")
-    )
+    # fidelity needs the synthetic sets only (it trains its own histology space), so it runs
+    # beside the classifier array
+    jobs.append(Job("fidelity", run, args=fidelity_args, after=generated))
     jobs.append(report_job(out, out / "report", ["classify", "fidelity"]))
     return jobs
 

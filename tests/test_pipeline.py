@@ -42,7 +42,8 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
         manifest = json.loads((out / "synthetic" / f"class{label}" / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["job"]["output_size"] == 50
     fidelity = json.loads((out / "fidelity" / "fidelity.json").read_text())
-    assert {"pixels", "classifier"} <= set(fidelity["extractors"])
+    assert {"pixels", "histology"} <= set(fidelity["extractors"])
+    assert "floor" in fidelity["extractors"]["histology"]
     text = (out / "report" / "report.md").read_text()
     assert all(name in text for name in scenario_names()) and "DEMO DATA" in text
     # one conditional GAN drew both classes

@@ -32,12 +32,12 @@ CHAIN = [
     "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
     "classify", "fidelity", "report",
 ]  # fmt: skip
-# each job's parents, by name ("classify_0": task 0 of the scenario array, real-real)
+# each job's parents, by name
 PARENTS = {
     "demo-data": [], "ingest": ["demo-data"], "gan": ["ingest"],
     "generate-class0": ["gan"],
     "generate-class1": ["gan"], "classify": ["generate-class0", "generate-class1"],
-    "fidelity": ["classify_0"], "report": ["classify", "fidelity"],
+    "fidelity": ["generate-class0", "generate-class1"], "report": ["classify", "fidelity"],
 }  # fmt: skip
 CHAIN_TIMEOUT = 600  # seconds for the whole tiny chain (about 3 minutes on 2 busy cores)
 
@@ -156,7 +156,7 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
     text = (out / "report" / "report.md").read_text()
     assert all(name in text for name in scenario_names())
     fidelity = json.loads((out / "fidelity" / "fidelity.json").read_text())
-    assert {"pixels", "classifier"} <= set(fidelity["extractors"])
+    assert {"pixels", "histology"} <= set(fidelity["extractors"])
 
     # status: every job and task COMPLETED, every output complete, nothing to rerun
     shown = ok(synthbreast(cluster, "status", str(out)))
