@@ -462,7 +462,7 @@ def new_manifest(
             "model_name": checkpoint.get("model_name"),
             "model": checkpoint["model"],
             "training_shards": checkpoint["train_config"].get("shards"),
-            **checkpoint["provenance"],
+            **checkpoint.get("provenance", {}),
         },
         "sample": {"keys": SAMPLE_KEYS, "image_size": job["output_size"]},
         # planned up front, as ingest does; `shards` below grows as shards land

@@ -405,7 +405,20 @@ def test_report_follows_the_runs_fidelity_and_a_new_result(report, tmp_path):
         {
             "schema": "synthbreast-fidelity/1",
             "config": {},
-            "extractors": {"pixels": {"overall": overall, "per_class": {"1": overall}}},
+            "extractors": {
+                "pixels": {"overall": overall, "per_class": {"1": overall}},
+                "histology": {
+                    "overall": overall,
+                    "floor": {
+                        "overall": {
+                            "images": 40,
+                            "synthetic": {"fid": 30.0, "kid_mean": 0.05, "recall": 0.2},
+                            "real_vs_real": {"fid": 10.0, "kid_mean": 0.01, "recall": 0.9},
+                            "ratio": {"fid": 3.0, "kid_mean": 5.0},
+                        }
+                    },
+                },
+            },
             "skipped": {"inception": "no weights file"},
             "pca_png": "pca.png",
         },
@@ -420,6 +433,8 @@ def test_report_follows_the_runs_fidelity_and_a_new_result(report, tmp_path):
     assert result.exit_code == 0, result.output
     md = (out / "report.md").read_text()
     assert "| pixels | overall | 12.500 | 0.010 |" in md
+    # beside its real-vs-real floor: synthetic FID, the floor's, their ratio
+    assert "| histology | overall | 40 | 30.000 | 10.000 | 3.000 | 0.050 | 0.010 |" in md
     assert "inception not computed: no weights file" in md
     assert (out / "figures" / "fidelity-pca.png").is_file()
     row = scenario_rows(md)[MISSING_SCENARIO]
