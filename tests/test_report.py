@@ -603,15 +603,23 @@ GAP_TEXT = (
         ({"real-real": (0.79, 0.78), "real-synth": (0.97, 0.97), "synth-real": (0.52, 0.51)}, None),
         ({"real-real": (0.79, 0.78), "real-synth": (1.0, 1.0), "synth-real": (0.71, 0.70)}, None),
         ({"real-real": (0.79, 0.78), "real-synth": (1.0, 1.0)}, None),
+        # classes swapped across domains (the real sample with ImageNet features): AUC < 0.45
+        (
+            {"real-real": (0.83, 0.66, 0.85), "real-synth": (0.41, 0.41, 0.40)},
+            "ranked worse than chance (real-synth AUC 0.400; chance 0.5)",
+        ),
+        ({"real-real": (0.83, 0.66, 0.85), "synth-real": (0.6, 0.6, 0.47)}, None),
     ],
 )
 def test_domain_gap_banner(tmp_path, scores, expected):
     runs = tmp_path / "runs"
-    for name, (accuracy, balanced) in scores.items():
+    for name, (accuracy, balanced, *auc) in scores.items():
         folder = runs / "classify" / name
         folder.mkdir(parents=True)
         result = metrics(name, accuracy, [], "imagenet")
         result["balanced_accuracy"] = balanced
+        if auc:
+            result["roc_auc"] = auc[0]
         atomic_write_json(folder / "metrics.json", result)
     md, html_text = report_of(runs, tmp_path / "report")
     if expected is None:
