@@ -12,6 +12,21 @@ from PIL import Image, ImageDraw
 
 from synthbreast.fileio import atomic_write_bytes
 
+# Grey modes PIL gives 16-bit images (and "I", 32-bit integers, as older PIL read 16-bit PNG).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grey -> 8-bit 'L' over the full range (value / 257, rounded); other modes as is.
+
+    PIL's own convert("L"/"RGB") clips 16-bit values at 255, so a 16-bit patch comes out white.
+    16-bit RGB(A) and grey+alpha PNGs need nothing: PIL already reads them as 8-bit RGB(A).
+    """
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)  # big-endian I;16B comes out as numbers too
+    return Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8))
+
 
 def make_grid(
     images: Sequence[np.ndarray | Image.Image],
@@ -24,7 +39,7 @@ def make_grid(
     if not images:
         raise ValueError("make_grid needs at least one image")
     tiles = [img if isinstance(img, Image.Image) else Image.fromarray(img) for img in images]
-    tiles = [t.convert("RGB") for t in tiles]
+    tiles = [to_8bit(t).convert("RGB") for t in tiles]
     if scale != 1:
         tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
     width = max(t.width for t in tiles)

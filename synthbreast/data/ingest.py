@@ -29,6 +29,7 @@ from synthbreast.data.shards import MANIFEST, SCHEMA, Sample, load_manifest, sav
 from synthbreast.data.shards import write_shard as write_shard_file
 from synthbreast.errors import UserError
 from synthbreast.fileio import sha256_file
+from synthbreast.images import SIXTEEN_BIT_MODES, to_8bit
 
 CONFIG = "config.json"
 PAD_COLOUR = (255, 255, 255)  # slide background: border patches are padded with white glass
@@ -49,6 +50,7 @@ class Checked:
     height: int = 0
     reason: str | None = None
     detail: str = ""
+    mode: str = ""  # PIL's mode: 16-bit grey is converted to 8 bits when written
 
 
 # --- checking images -------------------------------------------------------------------
@@ -60,28 +62,35 @@ def check_image(path: Path, patch_size: int | None) -> tuple[int, int, str | Non
     Reasons: empty_file, corrupt, truncated, wrong_size (larger or not square-able),
     small (smaller than the patch size in both sides: a slide-border patch).
     """
+    return _check_image(path, patch_size)[:4]
+
+
+def _check_image(path: Path, patch_size: int | None) -> tuple[int, int, str | None, str, str]:
+    """check_image, and the image's PIL mode."""
     try:
         if path.stat().st_size == 0:
-            return 0, 0, "empty_file", "0 bytes"
+            return 0, 0, "empty_file", "0 bytes", ""
         with Image.open(path) as img:
             img.load()  # decode every pixel: a truncated file fails here, not at open
             width, height = img.size
+            mode = img.mode
     except UnidentifiedImageError:
-        return 0, 0, "corrupt", "not a readable image"
+        return 0, 0, "corrupt", "not a readable image", ""
     except (OSError, SyntaxError, ValueError) as err:
         text = str(err)
         reason = "truncated" if "truncated" in text.lower() else "corrupt"
-        return 0, 0, reason, text[:200]
+        return 0, 0, reason, text[:200], ""
     if patch_size is not None and (width, height) != (patch_size, patch_size):
+        expected = f"{width}x{height}, expected {patch_size}x{patch_size}"
         if width <= patch_size and height <= patch_size:
-            return width, height, "small", f"{width}x{height}, expected {patch_size}x{patch_size}"
-        return width, height, "wrong_size", f"{width}x{height}, expected {patch_size}x{patch_size}"
-    return width, height, None, ""
+            return width, height, "small", expected, mode
+        return width, height, "wrong_size", expected, mode
+    return width, height, None, "", mode
 
 
-def _check_one(args: tuple[str, str, int | None]) -> tuple[int, int, str | None, str]:
+def _check_one(args: tuple[str, str, int | None]) -> tuple[int, int, str | None, str, str]:
     root, rel, patch_size = args
-    return check_image(Path(root) / rel, patch_size)
+    return _check_image(Path(root) / rel, patch_size)
 
 
 def check_records(
@@ -210,9 +219,18 @@ def pad_to(data: bytes, size: int) -> bytes:
     """A small border patch pasted top-left onto a white size x size canvas, as PNG."""
     with Image.open(io.BytesIO(data)) as img:
         canvas = Image.new("RGB", (size, size), PAD_COLOUR)
-        canvas.paste(img.convert("RGB"), (0, 0))
+        canvas.paste(to_8bit(img).convert("RGB"), (0, 0))
     out = io.BytesIO()
     canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def eight_bit_png(data: bytes) -> bytes:
+    """A 16-bit grey image as an 8-bit grey PNG, its full range scaled (images.to_8bit)."""
+    with Image.open(io.BytesIO(data)) as img:
+        converted = to_8bit(img)
+    out = io.BytesIO()
+    converted.save(out, format="PNG")
     return out.getvalue()
 
 
@@ -233,6 +251,10 @@ def make_sample(
         "height": checked.height,
         "demo": demo,
     }
+    if checked.mode in SIXTEEN_BIT_MODES:
+        # every reader decodes with PIL, which would clip these at 255: store 8 bits, scaled
+        data, ext = eight_bit_png(data), "png"
+        meta["converted_from"] = checked.mode
     if checked.reason == "small":
         data, ext = pad_to(data, patch_size), "png"
         meta["padded_from"] = [checked.width, checked.height]

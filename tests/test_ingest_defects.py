@@ -1,0 +1,158 @@
+"""Issue 13's ingest defects, each on real files: symlinked patient folders, the Kaggle wrapper
+folder, 16-bit PNGs, --resume with paths spelled differently, inspect's advice per job."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from synthbreast.config import IngestConfig
+from synthbreast.data.ingest import run_ingest
+from synthbreast.data.shards import decode_image, iter_shard, load_manifest, verify_shards
+from synthbreast.errors import UserError
+
+from .conftest import DEMO_PATIENTS, DEMO_PER_CLASS
+
+GOOD_TOTAL = DEMO_PATIENTS * DEMO_PER_CLASS * 2
+KAGGLE_WRAPPER = "IDC_regular_ps50_idx5"
+runner = CliRunner()
+
+
+def ingest(src: Path, out: Path, **options) -> dict:
+    return run_ingest(IngestConfig(src=str(src), out=str(out), **options))
+
+
+def patients_of(manifest: dict) -> set[str]:
+    return set().union(*(set(info["patients"]) for info in manifest["pools"].values()))
+
+
+def shas(manifest: dict) -> list[str]:
+    return [s["sha256"] for s in manifest["shards"]]
+
+
+def samples_by_path(out: Path) -> dict[str, dict]:
+    found = {}
+    for shard in load_manifest(out)["shards"]:
+        for sample in iter_shard(out / shard["name"]):
+            found[json.loads(sample["json"])["path"]] = sample
+    return found
+
+
+def refusal(**run) -> str:
+    """The message of a refused ingest; it must be one line."""
+    with pytest.raises(UserError) as err:
+        ingest(**run)
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --- 3. 16-bit images ------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png16(array: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand: PIL writes 16-bit grey but not 16-bit RGB or grey+alpha."""
+    height, width = array.shape[:2]
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[1 if array.ndim == 2 else array.shape[2]]
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _replace(folder: Path, make) -> dict[str, np.ndarray]:
+    """Rewrite every image of a folder with `make(rng)` -> (file bytes, 16-bit source array)."""
+    rng = np.random.default_rng(0)
+    sources = {}
+    for path in sorted(folder.iterdir()):
+        data, array = make(rng)
+        path.write_bytes(data)
+        sources[path.name] = array
+    return sources
+
+
+def _grey16(rng, size=(50, 50)):
+    array = rng.integers(50_000, 65_536, size=size, dtype=np.uint16)  # mean ~227.9 * 257
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue(), array
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(demo_copy, tmp_path):
+    folder = demo_copy / "demo03" / "0"
+    sources = _replace(folder, _grey16)
+    with Image.open(folder / sorted(sources)[0]) as img:
+        assert img.mode == "I;16"  # what PIL makes of it: the case that came out white
+    out = tmp_path / "out"
+    manifest = ingest(demo_copy, out)
+    assert manifest["totals"]["images"] == GOOD_TOTAL
+    found = samples_by_path(out)
+    for name, array in sources.items():
+        sample = found[f"demo03/0/{name}"]
+        decoded = np.asarray(decode_image(sample["png"]), dtype=np.float64)
+        assert abs(decoded.mean() - array.mean() / 257) < 1
+        assert np.array_equal(decoded[..., 0], np.rint(array / 257))
+        assert json.loads(sample["json"])["converted_from"] == "I;16"
+    assert verify_shards(out, load_manifest(out)) == []
+
+
+def test_a_small_16_bit_patch_is_padded_with_its_grey_kept(demo_copy, tmp_path):
+    path = sorted((demo_copy / "demo03" / "0").iterdir())[0]
+    data, array = _grey16(np.random.default_rng(1), size=(30, 50))  # 50 wide, 30 high
+    path.write_bytes(data)
+    ingest(demo_copy, tmp_path / "out", small_patches="pad")
+    sample = samples_by_path(tmp_path / "out")[f"demo03/0/{path.name}"]
+    decoded = np.asarray(decode_image(sample["png"]))
+    assert decoded.shape == (50, 50, 3)
+    assert np.array_equal(decoded[:30, :, 0], np.rint(array / 257))
+    assert (decoded[30:] == 255).all()  # the pad is white glass
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16_bit_rgb_and_rgba_png_decode_within_one_of_the_source(channels, demo_copy, tmp_path):
+    def make(rng):
+        array = rng.integers(0, 65_536, size=(50, 50, channels), dtype=np.uint16)
+        return png16(array), array
+
+    folder = demo_copy / "demo03" / "1"
+    sources = _replace(folder, make)
+    with Image.open(folder / sorted(sources)[0]) as img:
+        assert img.mode == ("RGB", "RGBA")[channels - 3]  # PIL reduces these to 8 bits itself
+    ingest(demo_copy, tmp_path / "out")
+    found = samples_by_path(tmp_path / "out")
+    for name, array in sources.items():
+        decoded = np.asarray(decode_image(found[f"demo03/1/{name}"]["png"]), dtype=np.float64)
+        assert np.abs(decoded - array[..., :3] / 257).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["P", "LA", "RGBA", "L"])
+def test_8_bit_modes_are_stored_as_they_were(mode, demo_copy, tmp_path):
+    folder = demo_copy / "demo03" / "1"
+    for path in sorted(folder.iterdir()):
+        with Image.open(path) as img:
+            img.convert(mode).save(path)
+    ingest(demo_copy, tmp_path / "out")
+    found = samples_by_path(tmp_path / "out")
+    for path in sorted(folder.iterdir()):
+        sample = found[f"demo03/1/{path.name}"]
+        assert sample["png"] == path.read_bytes()
+        assert "converted_from" not in json.loads(sample["json"])
+        with Image.open(path) as img:
+            expected = np.asarray(img.convert("RGB"))
+        assert np.array_equal(np.asarray(decode_image(sample["png"])), expected)
