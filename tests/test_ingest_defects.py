@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -53,6 +54,106 @@ def refusal(**run) -> str:
     message = str(err.value)
     assert "\n" not in message, message
     return message
+
+
+# --- 1. symlinked patient folders and image files ------------------------------------------
+
+
+def _move_and_link(src: Path, elsewhere: Path, names: list[str]) -> None:
+    """Move patient folders out of src and link them back, as subsets are built on clusters."""
+    elsewhere.mkdir(exist_ok=True)
+    for name in names:
+        shutil.move(src / name, elsewhere / name)
+        (src / name).symlink_to(elsewhere / name, target_is_directory=True)
+
+
+def _patient_names(src: Path) -> list[str]:
+    return sorted(p.name for p in src.iterdir() if p.is_dir())
+
+
+def test_symlinked_patient_folders_are_followed_and_recorded(demo_copy, tmp_path):
+    names = _patient_names(demo_copy)
+    _move_and_link(demo_copy, tmp_path / "elsewhere", names[-3:])
+    manifest = ingest(demo_copy, tmp_path / "out")
+    assert patients_of(manifest) == set(names)
+    assert manifest["totals"]["images"] == GOOD_TOTAL
+    links = manifest["source"]["links"]
+    assert links["followed_dirs"] == [
+        {"path": name, "target": str((tmp_path / "elsewhere" / name).resolve())}
+        for name in names[-3:]
+    ]
+    assert links["followed_files"] == 0 and links["duplicates"] == []
+
+
+def test_all_patients_symlinked_give_the_same_shards(demo_dir, demo_copy, tmp_path):
+    _move_and_link(demo_copy, tmp_path / "elsewhere", _patient_names(demo_copy))
+    plain = ingest(demo_dir, tmp_path / "plain")
+    linked = ingest(demo_copy, tmp_path / "linked")
+    assert shas(linked) == shas(plain)
+
+
+def test_symlinked_image_files_are_followed(demo_copy, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    folder = demo_copy / "demo02" / "1"
+    for path in sorted(folder.iterdir()):
+        shutil.move(path, store / path.name)
+        path.symlink_to(store / path.name)
+    manifest = ingest(demo_copy, tmp_path / "out")
+    assert manifest["totals"]["images"] == GOOD_TOTAL
+    assert manifest["source"]["links"]["followed_files"] == DEMO_PER_CLASS
+    found = samples_by_path(tmp_path / "out")
+    name = sorted(store.iterdir())[0].name
+    assert found[f"demo02/1/{name}"]["png"] == (store / name).read_bytes()
+
+
+def test_a_folder_reached_twice_is_taken_once(demo_copy, tmp_path):
+    # a second link to a patient: the same files, once (under the real path), not two patients
+    (demo_copy / "zz-again").symlink_to(demo_copy / "demo00", target_is_directory=True)
+    manifest = ingest(demo_copy, tmp_path / "out")
+    assert manifest["totals"]["images"] == GOOD_TOTAL and not manifest["skipped"]["counts"]
+    assert "zz-again" not in patients_of(manifest)
+    duplicates = manifest["source"]["links"]["duplicates"]
+    assert len(duplicates) == 2 * DEMO_PER_CLASS
+    assert all(d["path"].startswith("zz-again/") for d in duplicates)
+    assert all(d["same_file_as"] == "demo00" + d["path"][len("zz-again") :] for d in duplicates)
+
+
+def _dangling(src: Path, tmp_path: Path) -> Path:
+    link = src / "demo99"
+    link.symlink_to(tmp_path / "unmounted" / "demo99", target_is_directory=True)
+    return link
+
+
+def _loop_to_parent(src: Path, tmp_path: Path) -> Path:
+    link = src / "demo00" / "0" / "again"
+    link.symlink_to(src / "demo00", target_is_directory=True)
+    return link
+
+
+def _link_to_itself(src: Path, tmp_path: Path) -> Path:
+    link = src / "demo97"
+    link.symlink_to(link)
+    return link
+
+
+@pytest.mark.parametrize(
+    ("reason", "make"),
+    [
+        ("dangling_link", _dangling),
+        ("symlink_loop", _loop_to_parent),
+        ("symlink_loop", _link_to_itself),
+    ],
+)
+def test_a_broken_link_is_one_line_naming_it_or_a_counted_skip(reason, make, demo_copy, tmp_path):
+    link = make(demo_copy, tmp_path)
+    message = refusal(src=demo_copy, out=tmp_path / "out")
+    assert str(link) in message and reason in message and "--skip-bad" in message
+    assert not (tmp_path / "out").exists()
+    manifest = ingest(demo_copy, tmp_path / "out", skip_bad=True)
+    assert manifest["totals"]["images"] == GOOD_TOTAL
+    assert sum(manifest["skipped"]["counts"].values()) == manifest["skipped"]["counts"][reason]
+    assert str(link.relative_to(demo_copy)) in {f["path"] for f in manifest["skipped"]["files"]}
 
 
 # --- 3. 16-bit images ------------------------------------------------------------------------

@@ -352,7 +352,13 @@ def _listing(rows: list[tuple[str, str, str]]) -> list[str]:
 
 def bad_input_message(src: Path, bad: list[Problem], small: list[Checked], config) -> str:
     lines = []
-    if bad:
+    if len(bad) == 1:
+        p = bad[0]
+        lines.append(
+            f"1 bad input file in {src}: {p.reason} {src / p.path} ({p.detail}); fix or remove "
+            "it, or rerun with --skip-bad to skip it (recorded with its reason in manifest.json)"
+        )
+    elif bad:
         lines.append(f"{len(bad)} bad input file(s) in {src}:")
         lines += _listing([(p.reason, str(src / p.path), p.detail) for p in bad])
         lines.append(
@@ -467,6 +473,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         "config": to_dict(config),
         "source": {
             "path": str(src.resolve()),
+            "links": scan.links,
             "format": layout.name,
             "demo": demo,
             "real": not demo,

@@ -5,8 +5,10 @@ A layout only reads names and folders; decoding and checking the pixels is inges
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ class Scan:
     ignored: list[str] = field(default_factory=list)  # not images (e.g. .DS_Store, notes)
     class_names: list[str] = field(default_factory=list)
     patient_level: bool = True  # False when every image is its own "patient"
+    links: dict = field(default_factory=dict)  # Walk.link_record(): what symlinks were followed
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of every file found, by path
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,111 @@ class Layout:
     description: str
     default_patch_size: int | None
     scan: Callable[..., Scan]
+
+
+@dataclass
+class Walk:
+    """Every file under a root, symlinks followed, each real file once.
+
+    `files` are relative, '/'-separated, in os.walk's top-down order with names sorted (the
+    order the records, and so the shards, have always had). A file reached twice (a second
+    link to a folder) is kept once, under the path without links where there is one.
+    """
+
+    files: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)  # dangling links, loops, unreadable
+    followed_dirs: list[dict[str, str]] = field(default_factory=list)
+    followed_files: int = 0
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+
+    def link_record(self) -> dict:
+        return {
+            "followed_dirs": self.followed_dirs,
+            "followed_files": self.followed_files,
+            "duplicates": self.duplicates,
+        }
+
+
+def walk(root: Path) -> Walk:
+    """Walk root following symlinked folders and files (how subsets are assembled on clusters).
+
+    A link that leads nowhere is a `dangling_link` problem, one that leads back to a folder it
+    is inside of (or to itself) a `symlink_loop`; both are named, never walked.
+    """
+    result = Walk()
+    found: list[tuple[str, str, bool]] = []  # (path, real path, reached without a link)
+
+    def visit(folder: str, rel_folder: str, chain: tuple[str, ...], direct: bool) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            result.problems.append(Problem(rel_folder or ".", "unreadable", err.strerror or ""))
+            return
+        files, folders = [], []
+        for entry in entries:
+            (folders if _is_dir(entry) else files).append(entry)
+        for entry in sorted(files, key=lambda e: e.name):
+            rel = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
+            if entry.is_symlink():
+                problem = _broken_link(entry.path, rel)
+                if problem:
+                    result.problems.append(problem)
+                    continue
+                result.followed_files += 1
+                found.append((rel, os.path.realpath(entry.path), False))
+            else:
+                found.append((rel, os.path.join(chain[-1], entry.name), direct))
+            try:
+                result.sizes[rel] = entry.stat().st_size
+            except OSError:
+                result.sizes[rel] = -1
+        for entry in sorted(folders, key=lambda e: e.name):
+            rel = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if any(os.path.commonpath([target, c]) == target for c in chain):
+                    detail = f"link to {target}, a folder it is inside of"
+                    result.problems.append(Problem(rel, "symlink_loop", detail))
+                    continue
+                result.followed_dirs.append({"path": rel, "target": target})
+                visit(entry.path, rel, (*chain, target), False)
+            else:
+                visit(entry.path, rel, (*chain, os.path.join(chain[-1], entry.name)), direct)
+
+    visit(str(root), "", (os.path.realpath(root),), True)
+    chosen: dict[str, tuple[str, bool]] = {}
+    for rel, real, direct in found:
+        if real not in chosen or (direct and not chosen[real][1]):
+            chosen[real] = (rel, direct)
+    for rel, real, _ in found:
+        if chosen[real][0] == rel:
+            result.files.append(rel)
+        else:
+            result.duplicates.append({"path": rel, "same_file_as": chosen[real][0]})
+            del result.sizes[rel]
+    return result
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links, as os.walk does
+    except OSError:
+        return False
+
+
+def _broken_link(path: str, rel: str) -> Problem | None:
+    """Why the link at `path` cannot be followed, or None when it leads to a file or folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        target = os.readlink(path)
+        if err.errno == errno.ELOOP:
+            return Problem(rel, "symlink_loop", f"link to {target}, which leads back to itself")
+        return Problem(rel, "dangling_link", f"link to {target}, which does not exist")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return Problem(rel, "not_a_file", f"link to {os.readlink(path)}, not a file")
+    return None
 
 
 def _walk(root: Path) -> list[str]:
@@ -72,12 +181,19 @@ def _is_image(rel: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _new_scan(walked: Walk, **fields) -> Scan:
+    return Scan(
+        problems=list(walked.problems), links=walked.link_record(), sizes=walked.sizes, **fields
+    )
+
+
 def scan_idc(root: Path, patient_regex: str | None = None) -> Scan:
     """`<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png`, the Kaggle IDC layout."""
     if patient_regex:
         raise ValueError("--patient-regex applies to the imagefolder format only")
-    scan = Scan(class_names=["0", "1"])
-    for rel in _walk(root):
+    walked = walk(root)
+    scan = _new_scan(walked, class_names=["0", "1"])
+    for rel in walked.files:
         if not _is_image(rel):
             scan.ignored.append(rel)
             continue
@@ -121,9 +237,10 @@ def scan_imagefolder(root: Path, patient_regex: str | None = None) -> Scan:
     pattern = re.compile(patient_regex) if patient_regex else None
     if pattern is not None and "patient" not in pattern.groupindex:
         raise ValueError("--patient-regex needs a named group, e.g. '^(?P<patient>[^_]+)_'")
-    files = _walk(root)
+    walked = walk(root)
+    files = walked.files
     class_names = sorted({rel.split("/")[0] for rel in files if "/" in rel and _is_image(rel)})
-    scan = Scan(class_names=class_names, patient_level=pattern is not None)
+    scan = _new_scan(walked, class_names=class_names, patient_level=pattern is not None)
     index = {name: i for i, name in enumerate(class_names)}
     for rel in files:
         if not _is_image(rel):
