@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from synthbreast.cli import app
 from synthbreast.config import IngestConfig
 from synthbreast.data.ingest import run_ingest
 from synthbreast.data.shards import decode_image, iter_shard, load_manifest, verify_shards
@@ -154,6 +155,43 @@ def test_a_broken_link_is_one_line_naming_it_or_a_counted_skip(reason, make, dem
     assert manifest["totals"]["images"] == GOOD_TOTAL
     assert sum(manifest["skipped"]["counts"].values()) == manifest["skipped"]["counts"][reason]
     assert str(link.relative_to(demo_copy)) in {f["path"] for f in manifest["skipped"]["files"]}
+
+
+# --- 2. the Kaggle download's own wrapper folder ---------------------------------------------
+
+
+def test_the_kaggle_wrapper_folder_is_descended_with_a_log_line(demo_dir, tmp_path):
+    download = tmp_path / "download"
+    shutil.copytree(demo_dir, download / KAGGLE_WRAPPER)
+    (download / "README.txt").write_text("from kaggle")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["ingest", str(download), str(out), "--shard-size", "40"])
+    assert result.exit_code == 0, result.output
+    assert f"{KAGGLE_WRAPPER}" in result.output and "patient folders" in result.output
+    manifest = load_manifest(out)
+    assert manifest["source"]["descended_into"] == KAGGLE_WRAPPER
+    assert manifest["source"]["path"] == str(download.resolve())
+    assert manifest["totals"]["images"] == GOOD_TOTAL and not manifest["skipped"]["counts"]
+    assert manifest["source"]["demo"] is True  # the marker beside the patient folders counts
+    direct = ingest(download / KAGGLE_WRAPPER, tmp_path / "direct", shard_size=40)
+    assert direct["source"]["descended_into"] is None
+    assert shas(manifest) == shas(direct)
+
+
+def test_two_wrapper_folders_are_a_one_line_question(demo_dir, tmp_path):
+    download = tmp_path / "download"
+    shutil.copytree(demo_dir, download / "a")
+    shutil.copytree(demo_dir, download / "b")
+    message = refusal(src=download, out=tmp_path / "out")
+    assert str(download / "a") in message and str(download / "b") in message
+    assert "point SRC at" in message
+
+
+def test_patients_beside_a_wrapper_of_patients_is_a_one_line_question(demo_copy, tmp_path):
+    # the full Kaggle archive holds the patient folders twice: at the top and in the wrapper
+    shutil.copytree(demo_copy / "demo00", demo_copy / KAGGLE_WRAPPER / "demo00")
+    message = refusal(src=demo_copy, out=tmp_path / "out")
+    assert f"point SRC at {demo_copy / KAGGLE_WRAPPER}" in message
 
 
 # --- 3. 16-bit images ------------------------------------------------------------------------

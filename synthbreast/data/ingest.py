@@ -30,6 +30,7 @@ from synthbreast.data.shards import write_shard as write_shard_file
 from synthbreast.errors import UserError
 from synthbreast.fileio import sha256_file
 from synthbreast.images import SIXTEEN_BIT_MODES, to_8bit
+from synthbreast.progress import console
 
 CONFIG = "config.json"
 PAD_COLOUR = (255, 255, 255)  # slide background: border patches are padded with white glass
@@ -383,11 +384,20 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
     layout = LAYOUTS[config.format]
     if config.patch_size is None:
         config.patch_size = layout.default_patch_size
-    src, out = Path(config.src), Path(config.out)
+    given, out = Path(config.src), Path(config.out)
     mode = check_output(out, config)
 
-    # Scan names and folders, then read every image's pixels.
+    # Find the data (the Kaggle download wraps it in one more folder), scan names and folders
+    # (symlinks followed), then read every image's pixels.
     try:
+        inner = layout.data_root(given) if layout.data_root else None
+        src = given / inner if inner else given
+        if inner:
+            console.print(
+                f"{given} holds no patient folders but one folder of them, {inner}/: "
+                f"ingesting {src} (recorded as source.descended_into)",
+                highlight=False,
+            )
         scan: Scan = layout.scan(src, config.patient_regex)
     except ValueError as err:
         raise UserError(str(err)) from err
@@ -472,7 +482,8 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         "created_by": f"synthbreast {__version__}",
         "config": to_dict(config),
         "source": {
-            "path": str(src.resolve()),
+            "path": str(given.resolve()),
+            "descended_into": inner,
             "links": scan.links,
             "format": layout.name,
             "demo": demo,

@@ -58,6 +58,8 @@ class Layout:
     description: str
     default_patch_size: int | None
     scan: Callable[..., Scan]
+    # SRC -> the folder under it to scan, when SRC wraps the data in one more folder
+    data_root: Callable[[Path], str | None] | None = None
 
 
 @dataclass
@@ -187,6 +189,41 @@ def _new_scan(walked: Walk, **fields) -> Scan:
     )
 
 
+def _visible_folders(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
+
+
+def _is_idc_patient(folder: Path) -> bool:
+    return (folder / "0").is_dir() or (folder / "1").is_dir()
+
+
+def idc_data_root(root: Path) -> str | None:
+    """The Kaggle download's own folder (`IDC_regular_ps50_idx5/<patient>/...`) when SRC is one
+    level above the patient folders and it is the only such folder; None when SRC holds the
+    patient folders (or nothing like them: the scan says what it found). Ambiguous: ValueError.
+    """
+    folders = _visible_folders(root)
+    wrappers = [f for f in folders if any(_is_idc_patient(g) for g in _visible_folders(f))]
+    if not wrappers:
+        return None
+    if any(_is_idc_patient(f) for f in folders):
+        raise ValueError(
+            f"{root} holds patient folders and also {wrappers[0].name}/ with patient folders "
+            f"inside (the Kaggle archive has both copies): point SRC at {wrappers[0]}"
+        )
+    if len(wrappers) > 1:
+        names = ", ".join(str(w) for w in wrappers)
+        raise ValueError(
+            f"{root} holds no patient folders but {len(wrappers)} folders of them ({names}): "
+            "point SRC at the one to ingest"
+        )
+    return wrappers[0].name
+
+
 def scan_idc(root: Path, patient_regex: str | None = None) -> Scan:
     """`<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png`, the Kaggle IDC layout."""
     if patient_regex:
@@ -270,6 +307,7 @@ LAYOUTS: dict[str, Layout] = {
         "Kaggle IDC: <patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png, 50x50 RGB",
         50,
         scan_idc,
+        idc_data_root,
     ),
     "imagefolder": Layout(
         "imagefolder",
