@@ -18,8 +18,35 @@ from synthbreast.data.shards import (
     image_bytes,
     iter_shard,
     load_manifest,
-    pool_shards,
+    verify_pool,
 )
+from synthbreast.errors import UserError
+
+# What a damaged shard or sample raises while it is read: a deleted or unreadable file
+# (OSError), a truncated tar or a bad label (ValueError), a missing member (KeyError), a corrupt
+# PNG (PIL's UnidentifiedImageError is an OSError; a broken chunk can be a SyntaxError).
+READ_ERRORS = (OSError, ValueError, KeyError, SyntaxError)
+
+
+class ShardReadError(UserError):
+    """A shard or a sample that cannot be read, named, with the next step: one line.
+
+    A DataLoader worker's exception is raised again in the main process as `type(message)`,
+    the message carrying the worker's whole traceback; the constructor keeps its last line,
+    the original message, so the CLI still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
 
 
 def to_uint8_tensor(img: Image.Image):
@@ -79,13 +106,43 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
         """Raw samples of these shards; a shard that fails to read goes to the handler
-        (webdataset's convention: return True to go on with the next shard, or raise)."""
+        (webdataset's convention: return True to go on with the next shard, or raise); without
+        one, a ShardReadError names the shard."""
         for url in urls:
             try:
                 yield from iter_shard(Path(url))
             except Exception as err:
-                if self.handler is None or not self.handler(err):
+                if self.handler is not None and self.handler(err):
+                    continue
+                if not isinstance(err, READ_ERRORS):
                     raise
+                inspect = f"check the folder with `synthbreast inspect {Path(url).parent}`"
+                if isinstance(err, FileNotFoundError):
+                    raise ShardReadError(
+                        f"shard {url} is gone (deleted or moved while the job ran): restore it, "
+                        f"then {inspect}"
+                    ) from err
+                raise ShardReadError(
+                    f"shard {url} cannot be read ({_reason(err)}): {inspect}"
+                ) from err
+
+    def _label(self, sample: dict[str, Any]) -> int | None:
+        """The sample's class, or None when the handler skips a bad one."""
+        try:
+            return int(sample["cls"])
+        except READ_ERRORS as err:
+            return self._bad_sample(sample, "class label", err)
+
+    def _bad_sample(self, sample: dict[str, Any], what: str, err: BaseException) -> None:
+        """None when the handler says go on (the sample is skipped), else ShardReadError."""
+        if self.handler is not None and self.handler(err):
+            return None
+        url = sample.get("__url__", "?")
+        raise ShardReadError(
+            f"shard {url}, sample {sample.get('__key__')!r}: the {what} cannot be read "
+            f"({_reason(err)}); the shard is damaged: check the folder with "
+            f"`synthbreast inspect {Path(url).parent}`"
+        ) from err
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         urls = list(self.urls)
@@ -94,22 +151,42 @@ class ShardDataset(torch.utils.data.IterableDataset):
         urls = list(wds.split_by_worker(wds.split_by_node(urls)))
         samples = self._samples(urls)
         if self.classes is not None:
-            samples = (s for s in samples if int(s["cls"]) in self.classes)
+            samples = (s for s in samples if self._label(s) in self.classes)
         if self.shuffle:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
         for sample in samples:
-            meta = json.loads(sample["json"])
+            label = self._label(sample)
+            if label is None:
+                continue
+            try:
+                meta = json.loads(sample["json"])
+            except READ_ERRORS as err:
+                self._bad_sample(sample, "metadata (.json)", err)
+                continue
+            try:
+                image = decode_image(image_bytes(sample))
+            except READ_ERRORS as err:
+                self._bad_sample(sample, "image", err)
+                continue
             yield {
                 "key": sample["__key__"],
-                "image": self.transform(decode_image(image_bytes(sample))),
-                "label": int(sample["cls"]),
+                "image": self.transform(image),
+                "label": label,
                 "patient": str(meta.get("patient", "")),
             }
 
 
+def find_unreadable(shard_paths: list[Path]) -> None:
+    """Read and decode every sample of these shards: the first one that fails raises its
+    ShardReadError (for code that read them without saying where, e.g. the snapshot metric)."""
+    for _ in ShardDataset(shard_paths, transform=lambda image: None):
+        pass
+
+
 def shard_dataset(root: Path, pool: str, **kwargs: Any) -> ShardDataset:
-    """The reader of one pool of a shard folder: `shard_dataset(root, "gan", classes=[1])`."""
+    """The reader of one pool of a shard folder: `shard_dataset(root, "gan", classes=[1])`.
+    The folder must be complete and the pool's shards match their sha256 (`verify_pool`)."""
     manifest = load_manifest(root)
-    return ShardDataset(pool_shards(root, manifest, pool), **kwargs)
+    return ShardDataset(verify_pool(root, manifest, pool), **kwargs)

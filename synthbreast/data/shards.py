@@ -168,6 +168,52 @@ def verify_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def shard_problem(root: Path, entry: dict[str, Any]) -> str | None:
+    """What is wrong with one listed shard's file (missing, size, sha256), or None when intact."""
+    path = Path(root) / entry["name"]
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']}"
+    if sha256_file(path) != entry["sha256"]:
+        return "sha256 differs from the manifest (the shard changed or is damaged)"
+    return None
+
+
+def verify_pool(root: Path, manifest: dict[str, Any], pool: str) -> list[Path]:
+    """The shard paths of one pool, once the folder is complete and every shard of the pool
+    matches its size and sha256 in the manifest; else a UserError naming the first bad shard,
+    with `synthbreast inspect` as the next step. Readers run it before they read a pool."""
+    root = Path(root)
+    if pool in manifest["pools"]:
+        written = sum(1 for s in manifest["shards"] if s["pool"] == pool)
+        planned = len(manifest["pools"][pool].get("shards") or []) or written
+    # `ingest --resume` and a rerun of `generate` keep the intact shards and redo the rest
+    if manifest.get("source", {}).get("synthetic"):
+        redo = "rerun the same `synthbreast generate` command"
+    else:
+        redo = f"`synthbreast ingest SRC {root} --resume`"
+    inspect = f"`synthbreast inspect {root}`"
+    if pool in manifest["pools"] and manifest.get("status") != "complete":
+        raise UserError(
+            f"{root} is not complete (status {manifest.get('status')!r}: {written} of {planned} "
+            f"shards of pool {pool!r} written): check it with {inspect}, then finish it with "
+            f"{redo}"
+        )
+    paths = pool_shards(root, manifest, pool)  # a clear error for an unknown or empty pool
+    bad = []
+    for entry in manifest["shards"]:
+        if entry["pool"] == pool and (problem := shard_problem(root, entry)) is not None:
+            bad.append(f"{root / entry['name']}: {problem}")
+    if bad:
+        more = f" (and {len(bad) - 1} more shards)" if len(bad) > 1 else ""
+        raise UserError(
+            f"{bad[0]}{more}: check it with {inspect}, then redo the damaged shards with {redo}"
+        )
+    return paths
+
+
 def _tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
     """(name, content) of the regular files in a tar held in memory.
 
