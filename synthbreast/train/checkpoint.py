@@ -11,11 +11,16 @@ in the JSON skeleton by {"__tensor__": "<name>"} and stored under that name.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from synthbreast.errors import UserError
@@ -23,6 +28,62 @@ from synthbreast.fileio import atomic_write_json, fsync_dir, read_json, sha256_f
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d{9})\.json$")
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
+
+# Write failures a user can fix (space, permissions, a read-only mount), as the one-line error
+# `out_of_space_or_unwritable` turns them into; any other OSError stays a traceback (a bug).
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextmanager
+def out_of_space_or_unwritable(where: str | Path, then: str) -> Iterator[None]:
+    """Turn a disk-full or unwritable-folder OSError into a UserError: what happened, where
+    (the file when the error names one, else `where`) and `then` (how to resume). Every write
+    is atomic, so nothing written before is lost."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        name = errno.errorcode[err.errno]
+        raise UserError(
+            f"{err.filename or where}: {WRITE_ERRORS[err.errno]} ({name}); nothing written "
+            f"before is lost: free space or make it writable (or choose another output folder), "
+            f"then {then}"
+        ) from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running on this machine (as any user)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folders: list[Path]) -> list[Path]:
+    """Remove the `.<name>.tmp-<pid>` files (synthbreast.fileio.temp_name) that a killed or
+    failed process of this machine left in `folders`; returns them. Only for folders that one
+    process writes at a time (a run folder): a live writer's files (pid running) are kept."""
+    removed = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for path in sorted(Path(folder).iterdir()):
+            found = _TEMP.match(path.name)
+            if found and path.is_file() and not pid_alive(int(found[1])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
@@ -77,21 +138,31 @@ def save_checkpoint(
     skeleton = flatten(state, tensors)
     tmp = temp_name(tensors_path)
     try:
-        save_file(tensors, str(tmp))
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as err:  # its I/O errors as the OSError they are (disk full)
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(tensors_path)) from err
         tmp.replace(tensors_path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(tensors_path.parent)
-    atomic_write_json(
-        json_path,
-        {
-            "format": "synthbreast-checkpoint/1",
-            "step": step,
-            "tensors_file": tensors_path.name,
-            "sha256": sha256_file(tensors_path),
-            "state": skeleton,
-        },
-    )
+    meta = {
+        "format": "synthbreast-checkpoint/1",
+        "step": step,
+        "tensors_file": tensors_path.name,
+        "sha256": sha256_file(tensors_path),
+        "state": skeleton,
+    }
+    try:
+        atomic_write_json(json_path, meta)
+    except OSError:
+        # no .json, no checkpoint: leave neither half of this one (nor the temp file) behind
+        tensors_path.unlink(missing_ok=True)
+        temp_name(json_path).unlink(missing_ok=True)
+        raise
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             if protect is not None and old.name == checkpoint_paths(run_dir, protect)[1].name:
