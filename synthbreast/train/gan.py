@@ -13,6 +13,7 @@ and the G step runs D frozen, which DDP would try to synchronise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -29,14 +30,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from synthbreast.config import TrainGANConfig, save_config
-from synthbreast.data.reader import ShardDataset
-from synthbreast.data.shards import load_manifest, pool_count, pool_shards
+from synthbreast.data.reader import READ_ERRORS, ShardDataset, find_unreadable
+from synthbreast.data.shards import MANIFEST, load_manifest, pool_count, pool_shards, verify_pool
 from synthbreast.errors import UserError
-from synthbreast.fileio import atomic_write_bytes
+from synthbreast.fileio import atomic_write_bytes, sha256_file
 from synthbreast.images import make_grid, save_png
 from synthbreast.models.registry import MODELS, GANSpec, get_model
 from synthbreast.train.augment import AUGMENTS, AdaptiveP, Augment, dihedral
-from synthbreast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from synthbreast.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    out_of_space_or_unwritable,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from synthbreast.train.ema import make_ema, update_ema
 from synthbreast.train.losses import LOSSES, LossSettings, d_loss, g_loss, requires_grad
 
@@ -91,8 +98,58 @@ def apply_budget(config: TrainGANConfig, budget: str | None) -> TrainGANConfig:
     return replace(config, budget=budget, **BUDGETS[budget])
 
 
+# The numeric settings and the values each takes: checked before any folder is made, so a bad
+# value is one line naming it instead of a traceback (or a run that trains nothing).
+AT_LEAST_ONE = ("batch_size", "latent_dim", "gp_interval", "r1_interval", "grid_size")
+AT_LEAST_ZERO = ("workers",)
+ABOVE_ZERO = ("kimg", "tick_kimg", "snapshot_kimg", "checkpoint_kimg", "lr", "width")
+ZERO_OR_MORE = ("gp_weight", "drift", "r1_gamma", "ema_kimg")
+MIN_RESOLUTION = 8  # MSG-GAN's pyramid starts at 4x4 and doubles (synthbreast/models/msggan.py)
+
+
+def option_name(field: str) -> str:
+    return "--class" if field == "class_label" else f"--{field.replace('_', '-')}"
+
+
+def validate_numbers(config: TrainGANConfig) -> None:
+    """One line naming the first numeric option out of range and the values it takes."""
+
+    def refuse(field: str, allowed: str) -> None:
+        raise UserError(f"{option_name(field)} {getattr(config, field)!r}: {allowed}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+    res = config.resolution
+    if not is_int(res) or res < MIN_RESOLUTION or res & (res - 1):
+        refuse("resolution", f"must be a power of two >= {MIN_RESOLUTION} (8, 16, 32, 64, 128...)")
+    for field in AT_LEAST_ONE:
+        if not is_int(getattr(config, field)) or getattr(config, field) < 1:
+            refuse(field, "must be a whole number >= 1")
+    for field in AT_LEAST_ZERO:
+        if not is_int(getattr(config, field)) or getattr(config, field) < 0:
+            refuse(field, "must be a whole number >= 0 (0: read the shards in the main process)")
+    for field in ABOVE_ZERO:
+        if not is_number(getattr(config, field)) or getattr(config, field) <= 0:
+            refuse(field, "must be a number > 0")
+    for field in ZERO_OR_MORE:
+        if not is_number(getattr(config, field)) or getattr(config, field) < 0:
+            refuse(field, "must be a number >= 0")
+    if not is_int(config.metric_images) or config.metric_images == 1 or config.metric_images < 0:
+        refuse("metric_images", "must be 0 (no snapshot metric) or a whole number >= 2 (KID)")
+    if not is_int(config.seed):
+        refuse("seed", "must be a whole number")
+    label = config.class_label
+    if label is not None and (not is_int(label) or label < 0):
+        refuse("class_label", "must be a class number >= 0 (see the manifest's class_names)")
+
+
 def validate(config: TrainGANConfig) -> GANSpec:
-    """Every choice by name checked before any work; returns the model's spec."""
+    """Every choice by name and every number checked before any work; returns the model's spec."""
+    validate_numbers(config)
     choices = {
         "--mixed-precision": (config.mixed_precision, MIXED_PRECISION),
         "--optimizer": (config.optimizer, tuple(OPTIMIZERS)),
@@ -291,21 +348,78 @@ def check_compatible(saved: dict[str, Any], model: Any, path: Path) -> None:
 
 
 # Settings a resumed run must share with its checkpoint: another value would silently train
-# another model (or another class) under the old run's name.
-RESUME_FIELDS = ("model", "class_label", "optimizer", "loss", "augment", "pool")
+# another model (or another class) under the old run's name; another batch size or seed would
+# skip the wrong images and draw another shuffle, so the resume would not be exact.
+RESUME_FIELDS = ("model", "class_label", "pool", "optimizer", "loss", "augment", "batch_size",
+                 "seed")  # fmt: skip
 
 
-def check_resume(saved: dict[str, Any], config: TrainGANConfig, path: Path) -> None:
+def training_inputs(shards: Path, manifest: dict[str, Any], pool: str) -> dict[str, Any]:
+    """What the run reads, as its checkpoints record it: the shard folder (resolved), its
+    manifest's sha256, and one sha256 over the pool's shards (names and checksums): the same
+    images wherever the folder is, whatever else of the manifest changed."""
+    listed = sorted((s["name"], s["sha256"]) for s in manifest["shards"] if s["pool"] == pool)
+    digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+    return {
+        "shards": str(Path(shards).resolve()),
+        "manifest_sha256": sha256_file(Path(shards) / MANIFEST),
+        "pool_sha256": digest,
+    }
+
+
+def check_resume(
+    saved: dict[str, Any],
+    config: TrainGANConfig,
+    path: Path,
+    saved_inputs: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> None:
+    """Refuse a resume that would continue the checkpoint's run as another job, naming the
+    field (as in the checkpoint's config) and the fix."""
     legacy = {"model": "msggan", "optimizer": "rmsprop", "loss": "wgan-gp", "augment": "none"}
+    fix = "or start a new run without --resume (--resume auto picks the run of the same kind)"
     for name in RESUME_FIELDS:
+        if name not in saved and name not in legacy:
+            continue  # a checkpoint older than the field: nothing to compare with
         before = saved.get(name, legacy.get(name))
         now = getattr(config, name)
         if before != now:
-            flag = "--class" if name == "class_label" else f"--{name.replace('_', '-')}"
+            flag = option_name(name)
             raise UserError(
-                f"checkpoint {path} was trained with {flag} {before}, this run asks for {now}: "
-                "resume with the same setting, or start a new run without --resume"
+                f"checkpoint {path} was trained with {flag} {before} (config field {name}), "
+                f"this run asks for {now}: resume with {flag} {before}, {fix}"
             )
+    # the shards: the same pool content (a moved or copied folder is fine); without the
+    # checkpoint's record of it, the same folder
+    if saved_inputs and inputs and saved_inputs.get("pool_sha256"):
+        same = saved_inputs["pool_sha256"] == inputs["pool_sha256"]
+        before, other = saved_inputs.get("shards"), "whose pool holds other shards"
+    else:
+        before, other = saved.get("shards"), "another folder"
+        same = before is None or Path(before).resolve() == Path(config.shards).resolve()
+    if not same:
+        raise UserError(
+            f"checkpoint {path} was trained on pool {config.pool!r} of {before} (config field "
+            f"shards), this run reads {config.shards}, {other}: resume with SHARDS {before}, "
+            f"{fix}"
+        )
+
+
+def scaler_state(scaler: Any) -> dict[str, Any] | None:
+    """The fp16 loss scaler's state (scale, growth tracker...: plain numbers), or None."""
+    if scaler is None:
+        return None
+    return dict(scaler.state_dict()) or None  # {} when the scaler is disabled
+
+
+def load_scaler_state(scaler: Any, saved: dict[str, Any] | None, path: Path, say) -> None:
+    """Restore the loss scale a checkpoint saved; a checkpoint without one restarts it."""
+    if scaler is None:
+        return
+    if not saved:
+        say(f"{path} holds no fp16 loss-scale state (written without it): the scale restarts")
+        return
+    scaler.load_state_dict(saved)
 
 
 # --- the quality metric at every snapshot ------------------------------------------------
@@ -329,7 +443,14 @@ def best_metric_step(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
 
 
 def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
-    """Train; returns the run folder. `progress_print` gets one line per tick (main process)."""
+    """Train; returns the run folder. `progress_print` gets one line per tick (main process).
+    A full disk or an unwritable outdir is a one-line UserError saying how to resume."""
+    resume = "rerun the same command with --resume auto (it continues from the last checkpoint)"
+    with out_of_space_or_unwritable(config.outdir, resume):
+        return _train_gan(config, progress_print)
+
+
+def _train_gan(config: TrainGANConfig, progress_print) -> Path:
     spec = validate(config)
     # cpu=True without a GPU: only then does accelerate take a torchrun launch as multi-CPU
     # (gloo) instead of N independent single processes
@@ -345,6 +466,18 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     # Data: this rank's share of the pool's shards; the class groups of the real streams.
     shards = Path(config.shards)
     manifest = load_manifest(shards)
+    # The ingest complete and every shard of the pool matching its sha256, checked once (on
+    # the main process) and the verdict shared, so that every rank stops alike.
+    problem = None
+    if main:
+        try:
+            verify_pool(shards, manifest, config.pool)
+        except UserError as err:
+            problem = str(err)
+    problem = accelerator.gather_for_metrics([problem], use_gather_object=True)[0]
+    if problem:
+        raise UserError(problem)
+    inputs = training_inputs(shards, manifest, config.pool)
     num_classes = len(manifest["source"]["class_names"])
     paths = pool_shards(shards, manifest, config.pool)  # a clear error for an unknown pool
     if spec.conditional:
@@ -384,6 +517,8 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
     opt_G = make_optimizer(config.optimizer, G.parameters(), config.lr)
     opt_D = make_optimizer(config.optimizer, D.parameters(), config.lr)
     opt_G, opt_D = accelerator.prepare(opt_G, opt_D)  # loss scaling under fp16
+    # fp16 on a GPU: the GradScaler both optimizers step through; its scale is checkpointed
+    scaler = accelerator.scaler
     latent_rng = torch.Generator().manual_seed(config.seed * 1000 + rank)
     grid_z = torch.randn(
         config.grid_size, config.latent_dim, generator=torch.Generator().manual_seed(config.seed)
@@ -405,7 +540,7 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
         ckpt = load_checkpoint(resume_from)
         state = ckpt["state"]
         check_compatible(state["model"], model, ckpt["path"])
-        check_resume(state["config"], config, ckpt["path"])
+        check_resume(state["config"], config, ckpt["path"], state.get("inputs"), inputs)
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         G_ema.load_state_dict(state["G_ema"])
@@ -424,11 +559,18 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
             set_rng_state(state["rng"][rank], latent_rng)
         if ada is not None and "ada" in state:
             ada.load(state["ada"])
+        load_scaler_state(scaler, state.get("scaler"), ckpt["path"], progress_print)
         history = state.get("history", [])
         if main:
             progress_print(f"resumed from {ckpt['path']} at step {step}")
 
     if main:
+        # half-written files (grid, checkpoint, log) of a run killed or stopped by a full disk
+        folders = [run_dir, run_dir / "samples", run_dir / "checkpoints"]
+        if stale := remove_stale_temp_files(folders):
+            progress_print(
+                f"removed {len(stale)} stale temp file(s) of an earlier try from {run_dir}"
+            )
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         if resume_from is not None:  # ticks logged after the checkpoint will be logged again
@@ -439,9 +581,13 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
         from synthbreast.eval.quality import GeneratorQuality
 
         labels = [None if g is None else g[0] for g in groups]
-        metric = GeneratorQuality(
-            paths, labels, config.metric_images, config.latent_dim, config.seed
-        )
+        try:
+            metric = GeneratorQuality(
+                paths, labels, config.metric_images, config.latent_dim, config.seed
+            )
+        except READ_ERRORS:
+            find_unreadable(paths)  # a ShardReadError naming the shard and the sample
+            raise
     accelerator.wait_for_everyone()
 
     total_steps = math.ceil(config.kimg * 1000 / config.batch_size)
@@ -473,6 +619,7 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
             state = {
                 "model_name": spec.name,
                 "config": asdict(config),
+                "inputs": inputs,
                 "model": model.to_dict(),
                 "G": G.state_dict(),
                 "D": D.state_dict(),
@@ -487,6 +634,8 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
             }
             if ada is not None:
                 state["ada"] = ada.state()
+            if (loss_scale := scaler_state(scaler)) is not None:
+                state["scaler"] = loss_scale
             save_checkpoint(run_dir, step, state, protect=protect)
         accelerator.wait_for_everyone()
 
