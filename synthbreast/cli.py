@@ -408,7 +408,7 @@ def generate(
     snapshot: Annotated[
         str, typer.Option(help="best (lowest snapshot KID), latest, or a step number.")
     ] = "best",
-    seed: Annotated[int, typer.Option(help="Base seed; shard i uses a seed from (seed, i).")] = 0,
+    seed: Annotated[int, typer.Option(help="Base seed; shard i's from (seed, class, i).")] = 0,
     shard_range: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="START:END (end exclusive) to make only those shards."),

@@ -6,14 +6,24 @@ manifest, refusing another job's OUT -> skip shards already complete -> per shar
 latents from its own seed, run G_ema in fixed batches, encode PNGs, write the shard atomically and
 record it in the manifest under a file lock, so that ranks and array tasks can share one OUT.
 
-Reproducibility: shard i's latents come from a seed derived from (seed, i) alone, drawn on the
-CPU, and G runs on fixed batches of `batch_size` (the last one shorter) cut from them, so any
+Reproducibility: shard i's latents come from a seed derived from (seed, class, i) alone, drawn on
+the CPU, and G runs on fixed batches of `batch_size` (the last one shorter) cut from them, so any
 process makes any shard with the same bytes. Measured on the 2-core AMD EPYC dev box
 (torch 2.14, MSG-GAN widths 0.0625, 0.125 and 1.0, NCHW and channels_last): G's outputs are
 bit-identical for 1, 2, 3, 4 and 8 threads and for batches of 64 split 32+32 or 30+34; a batch of
 1 differs in the last bits (another kernel path). So the thread count is left alone (torchrun
 sets 1 per process, a plain run uses all cores) and `batch_size` is part of the job's identity.
 A GPU gives other bits than the CPU; shards of one OUT should come from one kind of device.
+
+Keys and seeds name the class (KEY_SCHEME 2): sample keys are `syn-c<class>-<shard>-<index>` and
+the seed is derived from (seed, class, shard), so the class-0 and class-1 sets of one job neither
+share keys (predictions.csv had duplicates) nor latents. This changes the bytes of every shard
+against earlier versions (keys `syn-<shard>-<index>`, seeds from (seed, shard)); `key_scheme` is
+part of the job's identity, so an OUT written before is refused rather than mixed.
+
+Restart: a killed run leaves its half-written shard under a hidden temp name; the next run in the
+same OUT removes such files when no other generate is writing there (OUT/.writers.lock, held
+shared by every live writer) and says how many. A full disk or an unwritable OUT is one line.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import fcntl
 import hashlib
 import io
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -47,11 +58,20 @@ from synthbreast.errors import UserError
 from synthbreast.fileio import read_json, sha256_file
 from synthbreast.models.registry import LEGACY_MODEL, MODELS, build_config
 from synthbreast.progress import console
-from synthbreast.train.checkpoint import checkpoint_paths, list_checkpoints, load_checkpoint
+from synthbreast.train.checkpoint import (
+    checkpoint_paths,
+    list_checkpoints,
+    load_checkpoint,
+    out_of_space_or_unwritable,
+)
 
 POOL = "synthetic"
 CONFIG = "config.json"
 LOCK = ".manifest.lock"
+WRITERS = ".writers.lock"  # held shared by every live writer of OUT, exclusively to clean
+# the temp names our atomic writes use (synthbreast.fileio.temp_name): `.<name>.tmp-<pid>`
+TEMP_FILE = re.compile(r"^\.(synthetic-\d{6}\.tar|manifest\.json|config\.json)\.tmp-\d+$")
+KEY_SCHEME = 2  # 2: keys and seeds name the class (see the module docstring); absent: 1
 CLASS_NAMES = ["0", "1"]  # IDC negative / positive, as the real shards name them
 SAMPLE_KEYS = ["__key__", "png", "cls", "json"]
 # Fields of the manifest's "job" that decide the bytes of every shard: an OUT holds one job.
@@ -63,6 +83,7 @@ IDENTITY_FIELDS = (
     "class_label",
     "output_size",
     "batch_size",
+    "key_scheme",
 )
 QUALITY_IMAGES = 500  # generated images the collapse check compares with the real ones
 
@@ -74,16 +95,24 @@ def shard_name(shard: int) -> str:
 # --- seeds -----------------------------------------------------------------------------
 
 
-def shard_seed(base_seed: int, shard: int) -> int:
-    """A 63-bit seed from (base seed, shard index) alone: no state shared between shards."""
-    digest = hashlib.sha256(f"{base_seed}:{shard}".encode()).digest()
+def shard_seed(base_seed: int, shard: int, label: int) -> int:
+    """A 63-bit seed from (base seed, class, shard index) alone: no state shared between shards,
+    and the classes of one job draw different latents."""
+    digest = hashlib.sha256(f"{base_seed}:class{label}:{shard}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def shard_latents(base_seed: int, shard: int, count: int, latent_dim: int) -> torch.Tensor:
+def shard_latents(
+    base_seed: int, shard: int, label: int, count: int, latent_dim: int
+) -> torch.Tensor:
     """The latents of one shard, drawn on the CPU so every device and process gets the same."""
-    rng = torch.Generator(device="cpu").manual_seed(shard_seed(base_seed, shard))
+    rng = torch.Generator(device="cpu").manual_seed(shard_seed(base_seed, shard, label))
     return torch.randn(count, latent_dim, generator=rng)
+
+
+def sample_key(label: int, shard: int, index: int) -> str:
+    """`syn-c1-000003-000017`: unique across the classes and shards of a job."""
+    return f"syn-c{label}-{shard:06d}-{index:06d}"
 
 
 # --- who makes which shards --------------------------------------------------------------
@@ -159,7 +188,10 @@ def shards_for_process(config: GenerateConfig, env: Mapping[str, str]) -> list[i
     if config.shard_range is not None:
         block = parse_shard_range(config.shard_range, config.shards)
     else:
-        block = slurm_block(config.shards, env) or range(config.shards)
+        # an array task whose block is empty (more tasks than shards) makes nothing
+        block = slurm_block(config.shards, env)
+        if block is None:
+            block = range(config.shards)
     rank, world = process_rank(env)
     return list(block)[rank::world]
 
@@ -380,8 +412,8 @@ def shard_samples(
     on_images=None,
 ) -> Iterator[Sample]:
     """The samples of one shard, in order; G runs on batches cut at fixed offsets."""
-    latents = shard_latents(config.seed, shard, config.per_shard, G.config.latent_dim)
-    seed = shard_seed(config.seed, shard)
+    latents = shard_latents(config.seed, shard, label, config.per_shard, G.config.latent_dim)
+    seed = shard_seed(config.seed, shard, label)
     for start in range(0, config.per_shard, config.batch_size):
         z = latents[start : start + config.batch_size].to(device)
         labels = torch.full((len(z),), label, device=device) if G.config.num_classes else None
@@ -404,7 +436,7 @@ def shard_samples(
                 "width": size,
                 "height": size,
             }
-            yield Sample(f"syn-{shard:06d}-{index:06d}", encode_png(pixels, size), label, meta)
+            yield Sample(sample_key(label, shard, index), encode_png(pixels, size), label, meta)
         if on_images is not None:
             on_images(len(images))
 
@@ -433,6 +465,7 @@ def job_identity(config: GenerateConfig, checkpoint_sha: str, label: int, size: 
         "class_label": label,
         "output_size": size,
         "batch_size": config.batch_size,
+        "key_scheme": KEY_SCHEME,
     }
 
 
@@ -504,6 +537,13 @@ def open_manifest(out: Path, config: GenerateConfig, job: dict, checkpoint: dict
     manifest = load_manifest(out)
     if not manifest.get("source", {}).get("synthetic") or "job" not in manifest:
         raise UserError(f"{out} holds real shards, not synthetic ones: choose a new --out")
+    if manifest["job"].get("key_scheme") != job["key_scheme"]:
+        raise UserError(
+            f"{out} was generated by an earlier synthbreast (key_scheme "
+            f"{manifest['job'].get('key_scheme', 1)}: keys syn-<shard>-<index>, latents without "
+            f"the class; this one writes key_scheme {job['key_scheme']}): shards of the two must "
+            "not mix: use a new --out, or delete that folder to remake it"
+        )
     differ = [
         f"{k} {manifest['job'].get(k)!r} there, {job[k]!r} now"
         for k in IDENTITY_FIELDS
@@ -553,18 +593,96 @@ def validate(config: GenerateConfig) -> None:
         raise UserError("--output-size must be at least 1 pixel")
 
 
+@contextmanager
+def writer_session(out: Path) -> Iterator[dict[str, list[str]]]:
+    """Hold OUT/.writers.lock shared while this process writes to OUT. On entry, when no other
+    live process holds it (an exclusive lock is granted), remove the temp files killed writers
+    left; else leave every temp file alone: it may be a live writer's. Yields the names
+    removed and those left."""
+    found = {"removed": [], "left": []}
+    with open(out / WRITERS, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        for path in sorted(out.iterdir()):
+            if TEMP_FILE.match(path.name):
+                if alone:
+                    path.unlink(missing_ok=True)
+                found["removed" if alone else "left"].append(path.name)
+        fcntl.flock(handle, fcntl.LOCK_SH)  # waits while another process cleans
+        try:
+            yield found
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def report_temp_files(found: dict[str, list[str]], out: Path) -> None:
+    if found["removed"]:
+        names = ", ".join(found["removed"][:3]) + (" ..." if len(found["removed"]) > 3 else "")
+        console.print(
+            f"removed {len(found['removed'])} stale temp file(s) of a killed generate from {out} "
+            f"({names})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if found["left"]:
+        console.print(
+            f"{len(found['left'])} temp file(s) in {out} left alone: another generate is "
+            "writing there",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def empty_share(config: GenerateConfig, env: Mapping[str, str]) -> str:
+    """Why this process has no shard to make (more array tasks or processes than shards)."""
+    rank, world = process_rank(env)
+    if config.shard_range is not None:
+        block = f"--shard-range {config.shard_range}"
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        block = (
+            f"array task {env['SLURM_ARRAY_TASK_ID']}'s block of the job's {config.shards} "
+            f"shards over {env.get('SLURM_ARRAY_TASK_COUNT')} tasks"
+        )
+    else:
+        block = f"the job's {config.shards} shards"
+    if world > 1:
+        return f"{block} leaves no shard for rank {rank} of {world}: nothing to make"
+    return f"{block} is empty (more array tasks than shards): nothing to make"
+
+
 def run_generate(
     config: GenerateConfig, progress=None, env: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """Make this process's shards of the job. Returns what it did (see the keys below)."""
+    """Make this process's shards of the job. Returns what it did (see the keys below).
+    A full disk or an unwritable OUT is a one-line UserError saying how to resume."""
+    resume = "rerun the same `synthbreast generate` command: complete shards are kept"
+    with out_of_space_or_unwritable(config.out, resume):
+        return _run_generate(config, progress, env)
+
+
+def _run_generate(
+    config: GenerateConfig, progress=None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     started = time.perf_counter()
     env = os.environ if env is None else env
     validate(config)
     out = Path(config.out)
 
-    # What to make: this process's shards; checked before the checkpoint is read.
+    # What to make: this process's shards; checked before the checkpoint is read. An empty
+    # share (more array tasks or ranks than shards) makes nothing and touches nothing.
     mine = shards_for_process(config, env)
     rank, world = process_rank(env)
+    summary = {"made": 0, "skipped": 0, "images": 0, "seconds": 0.0, "images_per_s": 0.0,
+               "out": str(out), "shards": mine, "rank": rank, "world_size": world}  # fmt: skip
+    if not mine:
+        console.print(empty_share(config, env), highlight=False, soft_wrap=True)
+        status = load_manifest(out)["status"] if (out / MANIFEST).is_file() else "not started"
+        total = round(time.perf_counter() - started, 3)
+        return {**summary, "total_seconds": total, "device": None, "status": status,
+                "nothing_to_make": True, "stale_temp_files_removed": 0}  # fmt: skip
 
     # The generator (the snapshot asked for) and the job it defines.
     chosen_path, snapshot = choose_snapshot(config.checkpoint, config.snapshot)
@@ -586,9 +704,33 @@ def run_generate(
     # oneDNN's layout (27% of G's time); channels_last ran G 1.6x faster (width 0.125, 64 px)
     G.to(device, memory_format=torch.channels_last)
 
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_session(out) as temp_files:
+        report_temp_files(temp_files, out)
+        made, skipped, seconds, status = _make_shards(
+            config, env, out, mine, G, device, checkpoint, job, label, size, progress
+        )
+    images = made * config.per_shard
+    return {
+        **summary,
+        "made": made,
+        "skipped": skipped,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": images / seconds if images and seconds > 0 else 0.0,
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+        "status": status,
+        "stale_temp_files_removed": len(temp_files["removed"]),
+    }
+
+
+def _make_shards(config, env, out, mine, G, device, checkpoint, job, label, size, progress):
+    """(made, skipped, seconds, manifest status) of this process's shards, under its writer
+    lock: the manifest opened or created, complete shards skipped, the others made."""
+    rank, world = process_rank(env)
     # The manifest: created by the first process (with the collapse check), checked by the
     # others; every process repeats the check's verdict.
-    out.mkdir(parents=True, exist_ok=True)
     with manifest_lock(out):
         if not (out / MANIFEST).is_file():
             checkpoint["quality"] = check_quality(G, device, checkpoint, label)
@@ -623,21 +765,6 @@ def run_generate(
         samples = shard_samples(G, device, config, shard, label, size, checkpoint, advance)
         write_shard(out / shard_name(shard), samples, before_rename=record)
     seconds = time.perf_counter() - generating
-
-    images = len(todo) * config.per_shard
     with manifest_lock(out):
         status = load_manifest(out)["status"]
-    return {
-        "made": len(todo),
-        "skipped": skipped,
-        "images": images,
-        "seconds": round(seconds, 3),
-        "images_per_s": images / seconds if images and seconds > 0 else 0.0,
-        "total_seconds": round(time.perf_counter() - started, 3),
-        "out": str(out),
-        "shards": mine,
-        "rank": rank,
-        "world_size": world,
-        "device": str(device),
-        "status": status,
-    }
+    return len(todo), skipped, seconds, status

@@ -90,10 +90,11 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in SPLIT_VARS}
 
 
-def test_seeds_depend_on_base_seed_and_shard_alone():
-    assert shard_seed(0, 3) == shard_seed(0, 3) != shard_seed(0, 4) != shard_seed(1, 3)
-    assert torch.equal(shard_latents(0, 3, 5, 8), shard_latents(0, 3, 5, 8))
-    assert not torch.equal(shard_latents(0, 3, 5, 8), shard_latents(0, 2, 5, 8))
+def test_seeds_depend_on_base_seed_class_and_shard_alone():
+    assert shard_seed(0, 3, 1) == shard_seed(0, 3, 1) != shard_seed(0, 4, 1) != shard_seed(1, 3, 1)
+    assert shard_seed(0, 3, 0) != shard_seed(0, 3, 1)
+    assert torch.equal(shard_latents(0, 3, 1, 5, 8), shard_latents(0, 3, 1, 5, 8))
+    assert not torch.equal(shard_latents(0, 3, 1, 5, 8), shard_latents(0, 2, 1, 5, 8))
 
 
 def test_work_split_by_range_slurm_array_and_rank():
@@ -232,7 +233,7 @@ def test_output_size_schema_and_inspect(tmp_path):
     summary = run_generate(config(run_dir, out, shards=2, per_shard=4, output_size=50))
     assert summary["images"] == 8 and summary["images_per_s"] > 0
     samples = list(iter_shard(out / "synthetic-000001.tar"))
-    assert [s["__key__"] for s in samples] == [f"syn-000001-{j:06d}" for j in range(4)]
+    assert [s["__key__"] for s in samples] == [f"syn-c1-000001-{j:06d}" for j in range(4)]
     for j, sample in enumerate(samples):
         image = Image.open(io.BytesIO(sample["png"]))
         assert (image.size, image.mode) == ((50, 50), "RGB")
@@ -240,7 +241,7 @@ def test_output_size_schema_and_inspect(tmp_path):
         meta = json.loads(sample["json"])
         assert meta["synthetic"] is True and meta["patient"] == "synthetic"
         assert (meta["shard"], meta["index"], meta["label"], meta["base_seed"]) == (1, j, 1, 0)
-        assert meta["seed"] == shard_seed(0, 1)
+        assert meta["seed"] == shard_seed(0, 1, 1)
         assert len(meta["checkpoint"]) == 64
     manifest = load_manifest(out)
     assert manifest["source"]["synthetic"] is True and manifest["source"]["real"] is False
