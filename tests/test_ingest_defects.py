@@ -295,3 +295,57 @@ def test_8_bit_modes_are_stored_as_they_were(mode, demo_copy, tmp_path):
         with Image.open(path) as img:
             expected = np.asarray(img.convert("RGB"))
         assert np.array_equal(np.asarray(decode_image(sample["png"])), expected)
+
+
+# --- 4. --resume with the same paths spelled differently -------------------------------------
+
+
+def _interrupted(demo_dir: Path, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """An ingest in tmp_path/out of a copy in tmp_path/data, its first shard lost."""
+    src, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(demo_dir, src)
+    first = ingest(src, out, shard_size=50)
+    (out / first["shards"][0]["name"]).unlink()
+    return src, out, first
+
+
+def test_resume_with_relative_or_linked_paths_is_the_same_job(demo_dir, tmp_path, monkeypatch):
+    src, out, first = _interrupted(demo_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    resumed = run_ingest(IngestConfig(src="data", out="out", shard_size=50, resume=True))
+    assert resumed["resumed_shards"] == len(first["shards"]) - 1
+    assert shas(resumed) == shas(first)
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    (out / first["shards"][1]["name"]).unlink()
+    resumed = run_ingest(IngestConfig(src="link/", out="./out/", shard_size=50, resume=True))
+    assert resumed["resumed_shards"] == len(first["shards"]) - 1
+    assert shas(resumed) == shas(first)
+
+
+def test_resume_after_the_source_and_out_moved(demo_dir, tmp_path):
+    src, out, first = _interrupted(demo_dir, tmp_path)
+    moved_src, moved_out = src.rename(tmp_path / "moved-data"), out.rename(tmp_path / "moved-out")
+    resumed = ingest(moved_src, moved_out, shard_size=50, resume=True)
+    assert resumed["resumed_shards"] == len(first["shards"]) - 1
+    assert shas(resumed) == shas(first)
+    assert verify_shards(moved_out, load_manifest(moved_out)) == []
+
+
+def test_resume_refusal_names_the_field_and_keeps_good_work(demo_dir, tmp_path):
+    src, out, first = _interrupted(demo_dir, tmp_path)
+    message = refusal(src=src, out=out, shard_size=60, resume=True)
+    assert "different config" in message
+    assert "--shard-size 50 there, 60 here" in message
+    assert "rerun with --shard-size 50" in message and "another OUT" in message
+    assert "--overwrite deletes" in message
+    message = refusal(src=src, out=out, shard_size=50, seed=4, skip_bad=True, resume=True)
+    assert "--seed 0 there, 4 here" in message and "--skip-bad" in message
+    assert len(list(out.glob("*.tar"))) == len(first["shards"]) - 1, "nothing was deleted"
+
+
+def test_resume_refuses_a_source_whose_files_changed(demo_dir, tmp_path):
+    src, out, _ = _interrupted(demo_dir, tmp_path)
+    sorted((src / "demo05" / "1").iterdir())[0].unlink()
+    message = refusal(src=src, out=out, shard_size=50, resume=True)
+    assert "SRC" in message and "files differ" in message and str(src.resolve()) in message
+    assert f"{GOOD_TOTAL} files there, {GOOD_TOTAL - 1} here" in message

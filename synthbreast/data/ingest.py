@@ -7,10 +7,12 @@ atomically, recording each in the manifest as it lands -> mark the manifest comp
 
 from __future__ import annotations
 
+import hashlib
 import io
 import multiprocessing
 import random
 import re
+import shlex
 import shutil
 import time
 from collections import Counter
@@ -39,7 +41,8 @@ BALANCE_POLICIES = ("none", "undersample")
 MAX_LISTED = 50  # bad files listed in an error message (all of them go to the manifest)
 
 # Config fields that do not change what an ingest writes (so a resume may differ in them).
-_RUN_ONLY_FIELDS = ("workers", "overwrite", "resume")
+# SRC is compared by the files found there (names and sizes), OUT is where the job already is.
+_RUN_ONLY_FIELDS = ("workers", "overwrite", "resume", "src", "out")
 
 
 @dataclass(frozen=True)
@@ -313,9 +316,61 @@ def clear_output(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    strip = {k: v for k, v in a.items() if k not in _RUN_ONLY_FIELDS}
-    return strip == {k: v for k, v in b.items() if k not in _RUN_ONLY_FIELDS}
+def source_fingerprint(scan: Scan) -> dict[str, Any]:
+    """The files an ingest was made from, by name and size: the same files make the same job
+    wherever the folder is and however its path is spelled (sizes, as a copy keeps no mtime)."""
+    paths = sorted([r.path for r in scan.records] + [p.path for p in scan.problems])
+    lines = "".join(f"{path}\t{scan.sizes.get(path, -1)}\n" for path in paths)
+    return {"fingerprint": hashlib.sha256(lines.encode()).hexdigest(), "files": len(paths)}
+
+
+def _data_root(source: dict[str, Any]) -> Path:
+    return Path(source["path"]) / (source.get("descended_into") or "")
+
+
+def _as_option(name: str, value: Any) -> str:
+    """A config value as the ingest flag that gives it."""
+    option = f"--{name.replace('_', '-')}"
+    if isinstance(value, bool) or value is None:
+        return option if value else f"without {option}"
+    return f"{option} {shlex.quote(str(value))}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "unset"}[value]
+    return str(value)
+
+
+def resume_refusal(out: Path, previous: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+    """Why OUT's ingest is not this job (one line naming each field and the fix), or None."""
+    before, now = previous["config"], manifest["config"]
+    differ, fixes = [], []
+    for name in dict.fromkeys([*before, *now]):
+        if name in _RUN_ONLY_FIELDS or before.get(name) == now.get(name):
+            continue
+        option = f"--{name.replace('_', '-')}"
+        differ.append(f"{option} {_shown(before.get(name))} there, {_shown(now.get(name))} here")
+        fixes.append(_as_option(name, before.get(name)))
+    then, here = previous["source"], manifest["source"]
+    if "fingerprint" in then:  # the files themselves, wherever they are
+        if then["fingerprint"] != here["fingerprint"]:
+            differ.append(
+                f"SRC files differ: {then['files']} files there, {here['files']} here, "
+                "or names or sizes changed"
+            )
+            fixes.append(f"SRC {_data_root(then)} holding the files it had")
+    elif _data_root(then) != _data_root(here):  # written before fingerprints: the path
+        differ.append(f"SRC {_data_root(then)} there, {_data_root(here)} here (resolved)")
+        fixes.append(f"SRC {_data_root(then)}")
+    if not differ:
+        return None
+    return (
+        f"{out} holds an ingest with a different config ({'; '.join(differ)}): --resume "
+        f"finishes only that job, so rerun with {', '.join(fixes)} to finish it and keep the "
+        "intact shards there, or write the new settings to another OUT "
+        f"(--overwrite deletes the shards in {out} and starts again)"
+    )
 
 
 # --- the job ---------------------------------------------------------------------------
@@ -484,6 +539,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         "source": {
             "path": str(given.resolve()),
             "descended_into": inner,
+            **source_fingerprint(scan),
             "links": scan.links,
             "format": layout.name,
             "demo": demo,
@@ -519,11 +575,9 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
     done = {}
     if mode == "resume":
         previous = load_manifest(out)
-        if not _same_job(previous["config"], manifest["config"]):
-            raise UserError(
-                f"{out} holds an ingest with a different config; --resume continues only the "
-                "same job (use --overwrite to start again)"
-            )
+        refusal = resume_refusal(out, previous, manifest)
+        if refusal:
+            raise UserError(refusal)
         done = {s["name"]: s for s in previous["shards"] if _shard_intact(out, s)}
         for stale in out.glob(".*.tmp-*"):  # half-written shards of the interrupted run
             stale.unlink()
