@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import shutil
 import struct
 import zlib
@@ -16,12 +17,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from synthbreast.cli import app
-from synthbreast.config import IngestConfig
+from synthbreast.config import GenerateConfig, IngestConfig
 from synthbreast.data.ingest import run_ingest
 from synthbreast.data.shards import decode_image, iter_shard, load_manifest, verify_shards
 from synthbreast.errors import UserError
+from synthbreast.generate import run_generate
 
 from .conftest import DEMO_PATIENTS, DEMO_PER_CLASS
+from .test_generate import SPLIT_VARS, make_run
 
 GOOD_TOTAL = DEMO_PATIENTS * DEMO_PER_CLASS * 2
 KAGGLE_WRAPPER = "IDC_regular_ps50_idx5"
@@ -349,3 +352,39 @@ def test_resume_refuses_a_source_whose_files_changed(demo_dir, tmp_path):
     message = refusal(src=src, out=out, shard_size=50, resume=True)
     assert "SRC" in message and "files differ" in message and str(src.resolve()) in message
     assert f"{GOOD_TOTAL} files there, {GOOD_TOTAL - 1} here" in message
+
+
+# --- 5. inspect names the command that finishes the folder -----------------------------------
+
+
+def test_inspect_of_an_incomplete_generate_names_generate(tmp_path, monkeypatch):
+    for name in SPLIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    run = make_run(tmp_path / "00000-tiny")
+    out = tmp_path / "syn"
+    made = GenerateConfig(
+        checkpoint=str(run), out=str(out), shards=3, per_shard=4, batch_size=2, shard_range="0:1"
+    )
+    run_generate(made)
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "ingest" not in result.output
+    command = result.output.split("`")[1]
+    assert command.startswith("synthbreast generate ") and "--shards 3" in command
+    assert "--shard-range" not in command  # the rest of the job, not the part already made
+    finished = runner.invoke(app, shlex.split(command)[1:])
+    assert finished.exit_code == 0, finished.output
+    assert "2 shards made, 1 already complete" in finished.output
+    again = runner.invoke(app, ["inspect", str(out)])
+    assert again.exit_code == 0, again.output
+
+
+def test_inspect_of_an_incomplete_ingest_names_the_ingest_resume(demo_dir, tmp_path):
+    src, out, _ = _interrupted(demo_dir, tmp_path)
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 2, result.output
+    command = result.output.split("`")[1]
+    assert command == f"synthbreast ingest {src.resolve()} {out} --shard-size 50 --resume"
+    finished = runner.invoke(app, shlex.split(command)[1:])
+    assert finished.exit_code == 0, finished.output
+    assert runner.invoke(app, ["inspect", str(out)]).exit_code == 0

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from synthbreast import config as job_configs
 from synthbreast.config import InspectConfig, save_config
+from synthbreast.data.layouts import LAYOUTS
 from synthbreast.data.shards import (
     decode_image,
     image_bytes,
@@ -112,11 +115,78 @@ def summary_rows(inspection: Inspection) -> list[tuple[str, str, int, int, int]]
     return rows
 
 
+# The command of each job that writes shards: (command, positional fields, options renamed,
+# fields left out of the rerun, what the rerun does with the shards already there).
+_RERUNS = {
+    "IngestConfig": (
+        "ingest",
+        ("src", "out"),
+        {},
+        ("workers", "overwrite", "resume"),
+        "--resume keeps intact shards and rewrites only damaged or missing ones",
+    ),
+    "GenerateConfig": (
+        "generate",
+        (),
+        {"class_label": "--class"},
+        ("shard_range",),  # the whole job: the part already made is skipped
+        "complete shards are kept; missing or damaged ones are made again",
+    ),
+    "ImportSyntheticConfig": (
+        "import-synthetic",
+        ("folder",),
+        {},
+        (),
+        "complete class folders are kept; lost shards are made again",
+    ),
+}
+
+
+def rerun_command(manifest: dict[str, Any], root: Path) -> tuple[str, str] | None:
+    """The command that finishes or mends the folder, from the config its manifest records,
+    and what it keeps; None for a job that is not known here."""
+    config = dict(manifest.get("config") or {})
+    job = config.pop("job", None)
+    if job not in _RERUNS or not hasattr(job_configs, job):
+        return None
+    command, positional, renamed, left_out, keeps = _RERUNS[job]
+    defaults = {
+        f.name: f.default for f in fields(getattr(job_configs, job)) if f.default is not MISSING
+    }
+    source = manifest.get("source", {})
+    if job == "IngestConfig":
+        config["src"] = source.get("path", config.get("src"))  # resolved: any folder works
+        config["out"] = str(root)  # where the shards are now
+        layout = LAYOUTS.get(config.get("format"))
+        if layout and config.get("patch_size") == layout.default_patch_size:
+            config["patch_size"] = None  # the format's default, filled in when it ran
+    elif job == "GenerateConfig":
+        config["out"] = str(root)
+        if source.get("checkpoint_path"):  # the exact checkpoint (sha256 in the manifest)
+            config["checkpoint"] = source["checkpoint_path"]
+            config["snapshot"] = defaults.get("snapshot")
+    words = ["synthbreast", command] + [str(config[name]) for name in positional]
+    for name, value in config.items():
+        if name in positional or name in left_out or value == defaults.get(name, MISSING):
+            continue
+        option = renamed.get(name, f"--{name.replace('_', '-')}")
+        if isinstance(value, bool):
+            words.append(option if value else f"--no-{option[2:]}")
+        elif value is not None:
+            words += [option, str(value)]
+    if job == "IngestConfig":
+        words.append("--resume")
+    return shlex.join(words), keeps
+
+
 def require_ok(inspection: Inspection, root: Path) -> None:
     if not inspection.ok:
         lines = inspection.problems + inspection.count_mismatches
-        raise UserError(
-            f"{root} failed verification:\n  "
-            + "\n  ".join(lines)
-            + "\nRerun the ingest (--resume rewrites only damaged or missing shards)."
-        )
+        rerun = rerun_command(inspection.manifest, root)
+        if rerun:
+            fix = f"Finish or mend it with the command that made it: `{rerun[0]}` ({rerun[1]})."
+        else:
+            fix = "Rerun the job that made it; it rewrites only damaged or missing shards."
+        if len(lines) == 1:
+            raise UserError(f"{root} failed verification: {lines[0]}. {fix}")
+        raise UserError(f"{root} failed verification:\n  " + "\n  ".join(lines) + f"\n{fix}")
