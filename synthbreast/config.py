@@ -119,7 +119,7 @@ class TrainGANConfig:
 class GenerateConfig:
     """`synthbreast generate`: a trained generator -> synthetic shards in the real schema.
 
-    Shard i's latents come from a seed derived from (seed, i) alone, so any shard can be made
+    Shard i's latents come from a seed derived from (seed, class, i) alone, so any shard can be made
     by any process or array task, bit for bit.
     """
 
