@@ -560,6 +560,24 @@ def equal_pools(train: Features, heldout: Features, seed: int) -> tuple[Features
     )
 
 
+def equal_pool_medians(
+    synthetic: Features, train: Features, heldout: Features, threshold: float, seed: int, device
+) -> dict[str, Any]:
+    """Median nearest distances of the synthetic images to the training and the held-out pool,
+    both cut to one size per class (equal_pools): comparable, where the raw medians are not."""
+    train_eq, heldout_eq = equal_pools(train, heldout, seed)
+    summary = memorisation(
+        synthetic.features, train_eq.features, heldout_eq.features, synthetic.labels, threshold,
+        device,
+    ).summary()  # fmt: skip
+    return {
+        "images_each": len(train_eq),
+        "pool_sizes": {"train": len(train), "heldout": len(heldout)},
+        "train_distance_median": summary["train_distance_median"],
+        "heldout_distance_median": summary["heldout_distance_median"],
+    }
+
+
 def run_fidelity(
     config: FidelityConfig, progress=None, log: Callable[[str], None] | None = None
 ) -> Path:
@@ -690,8 +708,8 @@ def run_fidelity(
         if train is not None and heldout is not None:
             say(f"{extractor.name}: memorisation")
             train_f, heldout_f = features_of([train], extractor), features_of([heldout], extractor)
-            pool_sizes = {"train": len(train_f), "heldout": len(heldout_f)}
-            train_f, heldout_f = equal_pools(train_f, heldout_f, config.seed)
+            # copies are looked for in the whole training pool (a copy of an image left out
+            # would be missed); the distance medians are compared on pools of equal size
             found = memorisation(
                 synthetic_f.features,
                 train_f.features,
@@ -702,7 +720,9 @@ def run_fidelity(
             )
             summary = found.summary()
             summary["train_images"] = len(train_f)
-            summary["equal_pools"] = {"images_each": len(train_f), "pool_sizes": pool_sizes}
+            summary["equal_pools"] = equal_pool_medians(
+                synthetic_f, train_f, heldout_f, config.copy_threshold, config.seed, device
+            )
             grid, listing = closest_pairs_grid(
                 found, synthetic_f, train_f, heldout_f, config.closest_pairs
             )

@@ -908,8 +908,9 @@ def fidelity_section(doc: Document, collected: Collected, banners: list[str] | N
                     extractor,
                     num(memo.get("threshold")),
                     num(memo.get("share_below_threshold")),
-                    num(memo.get("train_distance_median")),
-                    num(memo.get("heldout_distance_median")),
+                    # pools cut to one size where recorded: comparable medians
+                    num((memo.get("equal_pools") or memo).get("train_distance_median")),
+                    num((memo.get("equal_pools") or memo).get("heldout_distance_median")),
                 ]
             )
     if rows:
@@ -941,8 +942,8 @@ def fidelity_section(doc: Document, collected: Collected, banners: list[str] | N
                     "features",
                     "threshold",
                     "share below threshold",
-                    "median distance to train",
-                    "median distance held-out",
+                    "median distance to train (equal pools)",
+                    "median distance held-out (equal pools)",
                 ],
                 memorisation,
                 caption="Memorisation: nearest real neighbour of each synthetic image",
