@@ -480,7 +480,8 @@ def write_predictions(path: Path, samples: Samples, prob_1: np.ndarray) -> None:
 
 
 def write_model(path: Path, model: nn.Module, config: ClassifyConfig) -> None:
-    """The whole torchvision state dict: torchvision.models.<backbone>(num_classes=2) loads it."""
+    """The whole state dict: models.classifier.classifier_for_state(backbone) loads it (for the
+    ResNets that is torchvision.models.<backbone>(num_classes=2))."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "backbone": config.backbone,

