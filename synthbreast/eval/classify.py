@@ -523,7 +523,7 @@ def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG)
     try:
-        _run(config, run_dir, progress, log)
+        _run(config, plan, run_dir, progress, log)
     except Exception as err:
         write_failed(run_dir, scenario.name, task_id, err)
         raise
@@ -545,15 +545,16 @@ def write_failed(run_dir: Path, scenario: str, task_id: int, err: Exception) -> 
     )
 
 
-def _run(config: ClassifyConfig, run_dir: Path, progress, log: Log | None) -> None:
+def _run(
+    config: ClassifyConfig, plan: ScenarioPlan, run_dir: Path, progress, log: Log | None
+) -> None:
     started = time.perf_counter()
     scenario, task_id = resolve_scenario(config.scenario, config.task_id)
     (run_dir / METRICS).unlink(missing_ok=True)  # a forced rerun: no stale result meanwhile
     size = parse_input_size(config.input_size)
     device = choose_device(config.device)
 
-    # Data: which shards and samples, from the manifests.
-    plan = plan_scenario(scenario, task_id, config.real, config.synthetic, config.synth_ratio)
+    # Data: which shards and samples (planned from the manifests by run_classify).
     image_size = check_sizes(plan)
 
     # Model: the seed decides the random backbone (weights none) and the new fc.

@@ -601,7 +601,7 @@ def run_fidelity(
             Path(config.real), real_manifest, unseen, source.root, load_manifest(source.root)
         )
     train = heldout = None
-    pools = load_manifest(Path(config.real))["pools"]
+    pools = real_manifest["pools"]
     missing = [p for p in (config.train_pool, config.heldout_pool) if p not in pools]
     if missing:
         skipped["memorisation"] = (

