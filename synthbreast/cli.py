@@ -24,6 +24,7 @@ from synthbreast.config import (
     dumps,
 )
 from synthbreast.data.layouts import LAYOUTS
+from synthbreast.data.mammo import CONTEXTS, LABEL_MAPS
 from synthbreast.errors import UserError
 from synthbreast.progress import console, progress_bar
 
@@ -39,6 +40,8 @@ app = typer.Typer(
 
 # CLI choices come from the registries.
 Format = Enum("Format", {name: name for name in LAYOUTS}, type=str)
+LabelMapName = Enum("LabelMapName", {name: name for name in LABEL_MAPS}, type=str)
+ContextName = Enum("ContextName", {name: name for name in CONTEXTS}, type=str)
 
 
 class SmallPatches(str, Enum):
@@ -110,6 +113,13 @@ def demo_data(
     )
 
 
+def _numbers(option: str, text: str) -> list[float]:
+    try:
+        return [float(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give numbers joined by commas, e.g. 1,2,4") from None
+
+
 @app.command()
 @user_errors
 def ingest(
@@ -122,8 +132,44 @@ def ingest(
     ] = None,
     patch_size: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Expected side in pixels [default: idc 50, imagefolder any]."),
+        typer.Option(
+            "--patch-size",
+            "--patch",
+            help="Patches: expected side [default: idc 50, imagefolder any]. Mammograms: "
+            "side of the cut patches [default: 224].",
+        ),
     ] = None,
+    channels: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="1 (grey) or 3 (RGB) [default: from the data; 1 for mammograms]."),
+    ] = None,
+    table: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="csv: the table, relative to SRC [default: the one .csv in SRC]."),
+    ] = None,
+    labels: Annotated[
+        Optional[LabelMapName],  # noqa: UP045
+        typer.Option(help="Mammograms: pathology -> class [default: the format's]."),
+    ] = None,
+    context: Annotated[
+        ContextName,
+        typer.Option(help="Mammograms: bbox = lesion box + --context-percent; zoom = levels."),
+    ] = "bbox",
+    context_percent: Annotated[
+        float, typer.Option(help="bbox: tissue added around the lesion's box, % of its side.")
+    ] = 20.0,
+    zoom_levels: Annotated[
+        str, typer.Option(help="zoom: crop side = patch side x each level, e.g. 1,2,4.")
+    ] = "1",
+    healthy_per_image: Annotated[
+        int, typer.Option(help="Mammograms: healthy patches per image, clear of lesions.")
+    ] = 2,
+    healthy_gap: Annotated[
+        int, typer.Option(help="Pixels a healthy crop keeps from every lesion's edge.")
+    ] = 32,
+    min_tissue: Annotated[
+        float, typer.Option(help="Share of a healthy crop that must be breast, not background.")
+    ] = 0.9,
     small_patches: Annotated[
         SmallPatches,
         typer.Option(help="Patches smaller than --patch-size: stop, pad with white, or drop."),
@@ -163,7 +209,7 @@ def ingest(
     split into train and test. No patient is in two pools. OUT/manifest.json lists every
     shard with its sha256, every pool's patients and class counts, and skipped files.
     """
-    from synthbreast.data.ingest import run_ingest
+    from synthbreast.data.ingest import patch_lines, run_ingest
 
     config = IngestConfig(
         src=str(src),
@@ -171,6 +217,15 @@ def ingest(
         format=Format(format).value,
         patient_regex=patient_regex,
         patch_size=patch_size,
+        channels=channels,
+        table=table,
+        labels=LabelMapName(labels).value if labels else None,
+        context=ContextName(context).value,
+        context_percent=context_percent,
+        zoom_levels=_numbers("--zoom-levels", zoom_levels),
+        healthy_per_image=healthy_per_image,
+        healthy_gap=healthy_gap,
+        min_tissue=min_tissue,
         small_patches=SmallPatches(small_patches).value,
         skip_bad=skip_bad,
         seed=seed,
@@ -203,6 +258,8 @@ def ingest(
     if manifest["small_patches"]["count"]:
         small = manifest["small_patches"]
         console.print(f"small patches: {small['count']} ({small['policy']})")
+    for line in patch_lines(manifest):
+        console.print(line, highlight=False)
     if manifest["source"]["demo"]:
         console.print("[yellow]source is synthbreast demo data (procedural, not real tissue)[/]")
     rate = manifest["totals"]["images"] / max(manifest["seconds"], 1e-9)

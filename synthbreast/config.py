@@ -44,7 +44,18 @@ class IngestConfig:
     out: str
     format: str = "idc"
     patient_regex: str | None = None  # imagefolder: a regex with a (?P<patient>...) group
-    patch_size: int | None = None  # expected side in pixels; None = the format's default
+    # patches: their expected side; mammograms: the side of the cut patches (default 224)
+    patch_size: int | None = None  # None = the format's default
+    channels: int | None = None  # 1 | 3; None = from the data (1 when every image is grey)
+    table: str | None = None  # csv: the table, relative to SRC; None = the one .csv in SRC
+    # Mammograms (mias, csv with coordinates): how patches are cut (data/mammo.py registries)
+    labels: str | None = None  # LABEL_MAPS name; None = the format's default
+    context: str = "bbox"  # CONTEXTS: bbox (lesion box + context_percent) | zoom (zoom_levels)
+    context_percent: float = 20.0  # bbox: tissue added around the lesion's box, % of its side
+    zoom_levels: list[float] = dataclasses.field(default_factory=lambda: [1.0])  # crop/patch
+    healthy_per_image: int = 2  # healthy patches drawn from the breast mask of each image
+    healthy_gap: int = 32  # pixels a healthy crop keeps from every lesion's edge
+    min_tissue: float = 0.9  # share of a healthy crop that must be breast (not background)
     small_patches: str = "error"  # error | pad | drop, for patches smaller than patch_size
     skip_bad: bool = False  # skip (and count) corrupt, truncated, empty or mislabelled files
     seed: int = 0

@@ -231,3 +231,38 @@ def test_dry_run_and_bad_flags(tmp_path):
     result = invoke("classify", "--scenario", "real-real", "--out", tmp_path, "--mode", "x")
     assert result.exit_code == 2 and "finetune" in result.output
     assert not any(tmp_path.iterdir()), "nothing written for a bad flag"
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda text: text[: len(text) // 2], "not JSON"),  # cut short by a full disk or a kill
+        (lambda text: json.dumps({**json.loads(text), "accuracy": None} | {"ci95": 1}), "ci95"),
+        (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "data"}),
+         "no data"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_metrics_json_is_not_complete_and_is_redone(
+    tmp_path, small_synthetic, damage, why
+):
+    """A damaged metrics.json: one line saying so, the scenario redone, its summary printed;
+    never 'complete, skipped' and a traceback."""
+    args = ["classify", "--synthetic", small_synthetic, "--out", tmp_path, "--task-id", "1"]
+    args += [*FAST[:-1], "1", "--batch-size", "8"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    metrics = tmp_path / "synth-synth" / "metrics.json"
+    whole = metrics.read_text()
+    metrics.write_text(damage(whole))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.exception is None and "Traceback" not in result.output
+    assert "complete, skipped" not in result.output
+    told = [line for line in result.output.splitlines() if "is unreadable" in line]
+    assert len(told) == 1 and str(metrics) in told[0] and why in told[0], result.output
+    assert "not complete, redone" in told[0]
+    redone = json.loads(metrics.read_text())
+    assert redone["accuracy"] == json.loads(whole)["accuracy"], "the same job, the same result"
+    assert "synth-synth      accuracy" in result.output
+    again = invoke(*args)
+    assert "complete, skipped" in again.output and "is unreadable" not in again.output

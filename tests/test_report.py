@@ -641,3 +641,83 @@ def test_odd_quality_and_metric_files_give_a_report_not_a_traceback(demo_shards,
     assert f"{GAN_RUN}/{METRIC_FILE}:1: not a JSON object (skipped)" in md
     assert "| x | — | — | — | — | — | — | — |  |" in section(md, "GAN training")
     assert "GENERATOR COLLAPSED" not in md
+
+
+# --- unreadable results and what a fidelity.json may embed -----------------------------------
+
+
+def test_an_unreadable_metrics_json_is_named_as_unreadable(report, tmp_path):
+    """A metrics.json cut short (a full disk, a killed copy) is not 'running or killed': the
+    row and the problems name the file and say it is unreadable."""
+    runs = tmp_path / "runs"
+    shutil.copytree(report.parent, runs, ignore=shutil.ignore_patterns("report"))
+    cut = runs / "classify" / "real-real" / "metrics.json"
+    cut.write_text(cut.read_text()[:300])
+    no_keys = runs / "classify" / "synth-synth" / "metrics.json"
+    whole = json.loads(no_keys.read_text())
+    atomic_write_json(no_keys, {k: v for k, v in whole.items() if k != "accuracy"})
+    md, _ = report_of(runs, tmp_path / "report")
+    rows = scenario_rows(md)
+    for name, why in (("real-real", "not JSON"), ("synth-synth", "no accuracy")):
+        assert "running or killed" not in rows[name]
+        assert rows[name].count("missing: ") == 1, rows[name]
+        path = runs / "classify" / name / "metrics.json"
+        assert f"{path} is unreadable ({why}" in rows[name], rows[name]
+        assert f"{path} is unreadable ({why}" in section(md, "Provenance")
+    assert rows["real-synth"].rstrip(" |").endswith("ok")
+
+
+def test_a_fidelity_json_embeds_only_its_own_figures_under_safe_names(report, tmp_path):
+    """fidelity.json is data, not a list of files to publish: a path out of its folder, an
+    absolute path, a link out, a file that is no PNG, or an unknown name is not embedded (each
+    is a problem line); extractor names become safe figure file names."""
+    runs = tmp_path / "runs"
+    shutil.copytree(report.parent, runs, ignore=shutil.ignore_patterns("report"))
+    secret = tmp_path / "secret.png"  # outside RUNS: must never reach the report
+    secret.write_bytes(png(np.full((8, 8, 3), 7, np.uint8)))
+    fidelity = runs / "fidelity"
+    fidelity.mkdir()
+    (fidelity / "pca-pixels.png").write_bytes(png(np.full((20, 20, 3), 90, np.uint8)))
+    (fidelity / "closest-pairs-x.png").symlink_to(secret)
+    (fidelity / "histograms.png").write_text("not a png")
+    good = png(np.full((12, 12, 3), 30, np.uint8))
+    (fidelity / "closest-pairs-evil.png").write_bytes(good)
+    overall = {"fid": 1.0}
+
+    def entry(closest: str) -> dict:
+        return {"overall": overall, "memorisation": {"closest_pairs_png": closest}}
+
+    atomic_write_json(
+        fidelity / "fidelity.json",
+        {
+            "schema": "synthbreast-fidelity/1",
+            "extractors": {
+                "pixels": entry("../../secret.png"),
+                "../../../escape me": entry("closest-pairs-evil.png"),
+                "linked": entry("closest-pairs-x.png"),
+                "absolute": entry(str(secret)),
+            },
+            "pca_png": "pca-pixels.png",
+            "histograms_png": "histograms.png",
+        },
+    )
+    out = tmp_path / "report"
+    md, html_text = report_of(runs, out)
+    assert html_text.count("data:image/png;base64,") == 4 + 2, "the four grids, pca, evil"
+    secret_b64 = __import__("base64").b64encode(secret.read_bytes()).decode()
+    assert secret_b64 not in html_text
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "fidelity-pca.png" in figures
+    assert "fidelity-closest-escape-me.png" in figures, figures
+    assert (out / "figures" / "fidelity-closest-escape-me.png").read_bytes() == good
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) for name in figures), figures
+    written = {p.resolve() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()}
+    outside = {p for p in written if out.resolve() not in p.parents and runs.resolve() not in
+               p.parents and p != secret.resolve()}  # fmt: skip
+    assert not outside, outside
+    problems = section(md, "Provenance")
+    fidelity_json = fidelity / "fidelity.json"
+    assert f"{fidelity_json}: closest-pixels '../../secret.png' is not a figure" in problems
+    assert f"{fidelity_json}: closest-absolute '{secret}' is not a figure" in problems
+    assert f"{fidelity_json}: closest-linked 'closest-pairs-x.png' links out of" in problems
+    assert f"{fidelity_json}: histograms_png 'histograms.png' is not a PNG file" in problems

@@ -7,6 +7,7 @@ atomically, recording each in the manifest as it lands -> mark the manifest comp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import multiprocessing
@@ -27,6 +28,7 @@ from synthbreast import __version__
 from synthbreast.config import IngestConfig, save_config, to_dict
 from synthbreast.data.demo import DEMO_MARKER
 from synthbreast.data.layouts import LAYOUTS, Problem, Record, Scan
+from synthbreast.data.mammo import CONTEXTS, LABEL_MAPS, Extracted, Patch, PatchSpec, extract
 from synthbreast.data.shards import MANIFEST, SCHEMA, Sample, load_manifest, save_manifest
 from synthbreast.data.shards import write_shard as write_shard_file
 from synthbreast.errors import UserError
@@ -39,6 +41,8 @@ PAD_COLOUR = (255, 255, 255)  # slide background: border patches are padded with
 SMALL_POLICIES = ("error", "pad", "drop")
 BALANCE_POLICIES = ("none", "undersample")
 MAX_LISTED = 50  # bad files listed in an error message (all of them go to the manifest)
+MAMMO_PATCH = 224  # side of cut patches when neither --patch-size nor the format gives one
+GREY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 # Config fields that do not change what an ingest writes (so a resume may differ in them).
 # SRC is compared by the files found there (names and sizes), OUT is where the job already is.
@@ -118,6 +122,193 @@ def check_records(
             if progress:
                 progress.advance(task)
     return [Checked(r, *result) for r, result in zip(records, results, strict=True)]
+
+
+# --- mammograms: cutting patches ---------------------------------------------------------
+
+
+@dataclass
+class Cut:
+    """What cutting every mammogram gave: per image a Checked (its size, or why it is bad),
+    and the patches as records for the planning below (`path` is the patch's key)."""
+
+    checked: list[Checked]
+    records: list[Record]
+    patches: dict[str, tuple[Patch, str]]  # patch key -> (patch, source image path)
+    unlocated: list[str]  # refs of lesions without a place (no crop; no healthy crop there)
+    unmapped: int  # lesions whose pathology the label map leaves out
+    healthy_short: int  # healthy patches asked for but not found clear of lesions
+    off_breast: list[str]  # lesions whose centre is outside the breast mask (cut all the same)
+    normalisation: dict[str, int]  # how pixel values became 8 bits: images per method
+
+
+def patch_spec(config: IngestConfig, scan: Scan) -> PatchSpec:
+    """The cutting settings for the worker processes; healthy crops in the bbox context take
+    the sides the lesion crops have (drawn from them), so side alone tells no class."""
+    context = CONTEXTS[config.context]
+    spec = PatchSpec(
+        side=config.patch_size,
+        context=config.context,
+        context_percent=config.context_percent,
+        zoom_levels=tuple(config.zoom_levels),
+        healthy_per_image=config.healthy_per_image,
+        healthy_gap=config.healthy_gap,
+        min_tissue=config.min_tissue,
+        label_map=config.labels,
+        channels=config.channels or 1,
+        seed=config.seed,
+    )
+    sides = []
+    for record in scan.records:
+        for lesion in record.lesions:
+            if lesion.radius is not None and lesion.x is not None:
+                sides += context.sides(2 * lesion.radius, spec)
+            elif lesion.bbox is not None:
+                x0, y0, x1, y1 = lesion.bbox
+                sides += context.sides(max(x1 - x0, y1 - y0), spec)
+    return dataclasses.replace(spec, healthy_sides=tuple(sorted(sides)))
+
+
+def _cut_one(args: tuple) -> Extracted:
+    root, rel, key, lesions, spec = args
+    return extract(Path(root), rel, key, lesions, spec)
+
+
+def cut_patches(src: Path, scan: Scan, config: IngestConfig, progress=None) -> Cut:
+    """Decode every mammogram and cut its patches, in `workers` processes."""
+    spec = patch_spec(config, scan)
+    keys = sample_keys(scan.records)
+    jobs = [(str(src), r.path, keys[r.path], r.lesions, spec) for r in scan.records]
+    task = progress.add_task("cutting patches", total=len(jobs)) if progress else None
+    results: list[Extracted] = []
+    if config.workers > 1 and len(jobs) > 8:
+        context = multiprocessing.get_context("spawn")  # as check_records: torch and fork
+        with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+            for result in pool.map(_cut_one, jobs, chunksize=2):
+                results.append(result)
+                if progress:
+                    progress.advance(task)
+    else:
+        for job in jobs:
+            results.append(_cut_one(job))
+            if progress:
+                progress.advance(task)
+    cut = Cut([], [], {}, [], 0, 0, [], {})
+    for record, result in zip(scan.records, results, strict=True):
+        cut.checked.append(
+            Checked(record, result.width, result.height, result.reason, result.detail, "L")
+        )
+        if result.reason is not None:
+            continue
+        cut.unlocated += result.unlocated
+        cut.unmapped += result.unmapped
+        cut.healthy_short += result.healthy_short
+        cut.off_breast += result.off_breast
+        cut.normalisation[result.normalisation] = cut.normalisation.get(result.normalisation, 0) + 1
+        for patch in result.patches:
+            x, y = patch.centre
+            cut.records.append(Record(patch.key, record.patient, patch.label, x, y))
+            cut.patches[patch.key] = (patch, record.path)
+    return cut
+
+
+def make_patch_sample(
+    patch: Patch, source: str, record: Record, pool: str, side: int, demo: bool
+) -> Sample:
+    x0, y0, x1, y1 = patch.box
+    meta: dict[str, Any] = {
+        "patient": record.patient,
+        "label": patch.label,
+        "x": record.x,
+        "y": record.y,
+        "path": source,
+        "pool": pool,
+        "width": side,
+        "height": side,
+        "demo": demo,
+        "kind": patch.kind,
+        "box": [x0, y0, x1, y1],  # source pixels from the top-left; may pass the border
+        "scale": round(side / (x1 - x0), 6),  # patch pixels per source pixel
+    }
+    meta["tissue"] = patch.tissue  # share of the crop inside the breast mask
+    if patch.lesion is not None:
+        meta["lesion"] = patch.lesion
+    return Sample(key=patch.key, image=patch.png, label=patch.label, meta=meta)
+
+
+def patch_summary(cut: Cut, scan: Scan, config: IngestConfig, plan: list) -> dict[str, Any]:
+    """The manifest's account of the cutting: settings, counts per kind and class, what could
+    not be cut and why, and every written patch's source image, box and scale."""
+    names = scan.class_names
+    cut_counts: dict[str, Counter] = {"lesion": Counter(), "healthy": Counter()}
+    for patch, _ in cut.patches.values():
+        cut_counts[patch.kind][names[patch.label]] += 1
+    written: dict[str, Counter] = {"lesion": Counter(), "healthy": Counter()}
+    listing = []
+    for pool, _, records in plan:
+        for r in records:
+            patch, source = cut.patches[r.path]
+            written[patch.kind][names[patch.label]] += 1
+            listing.append(
+                {
+                    "key": patch.key,
+                    "source": source,
+                    "kind": patch.kind,
+                    "label": patch.label,
+                    "box": list(patch.box),
+                    "scale": round(config.patch_size / patch.crop_side, 6),
+                    "pool": pool,
+                }
+            )
+    return {
+        "side": config.patch_size,
+        "context": config.context,
+        "labels": config.labels,
+        "cut": {kind: dict(sorted(c.items())) for kind, c in cut_counts.items()},
+        "written": {kind: dict(sorted(c.items())) for kind, c in written.items()},
+        "unlocated_lesions": cut.unlocated,
+        "unmapped_lesions": cut.unmapped,
+        "healthy_short": cut.healthy_short,
+        "lesions_off_breast": cut.off_breast,
+        "normalisation": cut.normalisation,
+        "list": sorted(listing, key=lambda p: p["key"]),
+    }
+
+
+def patch_lines(manifest: dict[str, Any]) -> list[str]:
+    """What the cutting gave, for the ingest command to print (empty for patch layouts)."""
+    patches = manifest.get("patches")
+    if not patches:
+        return []
+    lines = []
+    for kind in ("lesion", "healthy"):
+        counts = patches["written"][kind]
+        if counts:
+            per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
+            lines.append(f"{kind} patches: {per_class}")
+    notes = [
+        (len(manifest["source"].get("absent_images", [])), "images named in the table absent"),
+        (len(patches["unlocated_lesions"]), "lesions without coordinates (no crop, no healthy)"),
+        (patches["unmapped_lesions"], f"lesions left out by --labels {patches['labels']}"),
+        (patches["healthy_short"], "healthy patches not found clear of lesions"),
+        (len(patches["lesions_off_breast"]), "lesions centred outside the breast mask"),
+    ]
+    lines += [f"{n} {what} (listed in manifest.json)" for n, what in notes if n]
+    return lines
+
+
+def channels_from(checked: list[Checked]) -> int:
+    """1 when every image is grey (kept grey, not turned into RGB), else 3."""
+    return 1 if checked and all(c.mode in GREY_MODES for c in checked) else 3
+
+
+def grey_png(data: bytes) -> bytes:
+    """A colour image as 8-bit grey PNG (--channels 1 on RGB data), as PIL's luma."""
+    with Image.open(io.BytesIO(data)) as img:
+        converted = to_8bit(img).convert("L")
+    out = io.BytesIO()
+    converted.save(out, format="PNG")
+    return out.getvalue()
 
 
 # --- planning: sampling, patient split, balancing, shards ------------------------------
@@ -239,7 +430,13 @@ def eight_bit_png(data: bytes) -> bytes:
 
 
 def make_sample(
-    src: Path, checked: Checked, key: str, pool: str, patch_size: int | None, demo: bool
+    src: Path,
+    checked: Checked,
+    key: str,
+    pool: str,
+    patch_size: int | None,
+    demo: bool,
+    channels: int = 3,
 ) -> Sample:
     r = checked.record
     data = (src / r.path).read_bytes()
@@ -263,6 +460,9 @@ def make_sample(
         data, ext = pad_to(data, patch_size), "png"
         meta["padded_from"] = [checked.width, checked.height]
         meta["width"] = meta["height"] = patch_size
+    if channels == 1 and (checked.mode not in GREY_MODES or checked.reason == "small"):
+        data, ext = grey_png(data), "png"  # asked for with --channels 1 (padding makes RGB)
+        meta["converted_from"] = checked.mode
     return Sample(key=key, image=data, label=r.label, meta=meta, ext=ext)
 
 
@@ -321,6 +521,8 @@ def source_fingerprint(scan: Scan) -> dict[str, Any]:
     wherever the folder is and however its path is spelled (sizes, as a copy keeps no mtime)."""
     paths = sorted([r.path for r in scan.records] + [p.path for p in scan.problems])
     lines = "".join(f"{path}\t{scan.sizes.get(path, -1)}\n" for path in paths)
+    # tables by content: an edited row (a moved lesion) is another job even at the same size
+    lines += "".join(f"{name}\t{digest}\n" for name, digest in sorted(scan.annotations.items()))
     return {"fingerprint": hashlib.sha256(lines.encode()).hexdigest(), "files": len(paths)}
 
 
@@ -346,9 +548,16 @@ def resume_refusal(out: Path, previous: dict[str, Any], manifest: dict[str, Any]
     """Why OUT's ingest is not this job (one line naming each field and the fix), or None."""
     before, now = previous["config"], manifest["config"]
     differ, fixes = [], []
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(IngestConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
     for name in dict.fromkeys([*before, *now]):
         if name in _RUN_ONLY_FIELDS or before.get(name) == now.get(name):
             continue
+        if name not in before and now.get(name) == defaults.get(name):
+            continue  # a field added since that ingest, at the value it then had implicitly
         option = f"--{name.replace('_', '-')}"
         differ.append(f"{option} {_shown(before.get(name))} there, {_shown(now.get(name))} here")
         fixes.append(_as_option(name, before.get(name)))
@@ -393,6 +602,24 @@ def validate(config: IngestConfig) -> None:
         raise UserError("--max-per-class must be at least 1")
     if config.overwrite and config.resume:
         raise UserError("--overwrite and --resume contradict each other: pick one")
+    if config.channels not in (None, 1, 3):
+        raise UserError(f"--channels {config.channels}: give 1 (grey) or 3 (RGB)")
+    if config.labels is not None and config.labels not in LABEL_MAPS:
+        raise UserError(f"--labels {config.labels!r} unknown; choose from {', '.join(LABEL_MAPS)}")
+    if config.context not in CONTEXTS:
+        raise UserError(f"--context {config.context!r} unknown; choose from {', '.join(CONTEXTS)}")
+    if config.patch_size is not None and config.patch_size < 8:
+        raise UserError(f"--patch-size {config.patch_size}: give at least 8 pixels")
+    if config.context_percent < 0:
+        raise UserError(f"--context-percent {config.context_percent}: give 0 or more")
+    if not config.zoom_levels or any(z <= 0 for z in config.zoom_levels):
+        raise UserError(f"--zoom-levels {config.zoom_levels}: give positive numbers, e.g. 1,2,4")
+    if config.healthy_per_image < 0 or config.healthy_gap < 0:
+        raise UserError("--healthy-per-image and --healthy-gap must be 0 or more")
+    if not 0 < config.min_tissue <= 1:
+        raise UserError(f"--min-tissue {config.min_tissue}: give a share in (0, 1]")
+    if config.table is not None and "table" not in LAYOUTS[config.format].options:
+        raise UserError(f"--table applies to the csv format, not {config.format}")
     src = Path(config.src)
     if not src.is_dir():
         raise UserError(f"source folder {src} does not exist or is not a folder")
@@ -453,14 +680,30 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
                 f"ingesting {src} (recorded as source.descended_into)",
                 highlight=False,
             )
-        scan: Scan = layout.scan(src, config.patient_regex)
+        options = {name: getattr(config, name) for name in layout.options}
+        scan: Scan = layout.scan(src, config.patient_regex, **options)
     except ValueError as err:
         raise UserError(str(err)) from err
     if not scan.records and not scan.problems:
         raise UserError(
             f"no images found in {src}; expected the {layout.name} layout: {layout.description}"
         )
-    checked = check_records(src, scan.records, config.patch_size, config.workers, progress)
+    cut = None
+    if scan.mammograms:
+        # Whole mammograms: cut lesion and healthy patches (data/mammo.py).
+        config.patch_size = config.patch_size or MAMMO_PATCH
+        config.labels = config.labels or layout.labels
+        config.channels = config.channels or 1
+        scan.class_names = list(LABEL_MAPS[config.labels].class_names)
+        cut = cut_patches(src, scan, config, progress)
+        checked = cut.checked
+    else:
+        if config.labels is not None:
+            raise UserError(
+                f"--labels applies to mammograms (mias, or csv with lesion coordinates); "
+                f"{src} holds {layout.name} patches whose classes are their folders or table"
+            )
+        checked = check_records(src, scan.records, config.patch_size, config.workers, progress)
 
     # Sort out bad input: stop with the list, or skip and count when asked.
     bad = list(scan.problems) + [
@@ -477,6 +720,11 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         )
     usable = [c for c in checked if c.reason is None or config.small_patches == "pad"]
     dropped_small = len(small) if config.small_patches == "drop" else 0
+    if cut is not None:
+        side = config.patch_size
+        usable = [Checked(r, side, side, None, "", "L") for r in cut.records]
+    elif config.channels is None:
+        config.channels = layout.channels or channels_from(usable)
     for label, name in enumerate(scan.class_names):
         if not any(c.record.label == label for c in usable):
             raise UserError(
@@ -546,8 +794,14 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
             "real": not demo,
             "class_names": scan.class_names,
             "patient_level": scan.patient_level,
+            "annotations": scan.annotations,
+            "absent_images": scan.absent,
         },
-        "sample": {"keys": ["__key__", "png", "cls", "json"], "image_size": config.patch_size},
+        "sample": {
+            "keys": ["__key__", "png", "cls", "json"],
+            "image_size": config.patch_size,
+            "channels": config.channels,
+        },
         "pools": pools,
         "shards": [],
         "skipped": {
@@ -565,6 +819,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
             "balance": dropped_balance,
         },
         "ignored_files": scan.ignored,
+        **({"patches": patch_summary(cut, scan, config, plan)} if cut is not None else {}),
         "totals": {
             "files_seen": len(scan.records) + len(scan.problems),
             "images": sum(p["images"] for p in pools.values()),
@@ -599,9 +854,23 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
 
         if name in done:
             record(done[name])
+        elif cut is not None:
+            samples = (
+                make_patch_sample(*cut.patches[r.path], r, pool, config.patch_size, demo)
+                for r in shard_records
+            )
+            write_shard_file(out / name, samples, before_rename=record)
         else:
             samples = (
-                make_sample(src, by_path[r.path], keys[r.path], pool, config.patch_size, demo)
+                make_sample(
+                    src,
+                    by_path[r.path],
+                    keys[r.path],
+                    pool,
+                    config.patch_size,
+                    demo,
+                    config.channels,
+                )
                 for r in shard_records
             )
             write_shard_file(out / name, samples, before_rename=record)

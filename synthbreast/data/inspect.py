@@ -151,7 +151,9 @@ def rerun_command(manifest: dict[str, Any], root: Path) -> tuple[str, str] | Non
         return None
     command, positional, renamed, left_out, keeps = _RERUNS[job]
     defaults = {
-        f.name: f.default for f in fields(getattr(job_configs, job)) if f.default is not MISSING
+        f.name: f.default if f.default is not MISSING else f.default_factory()
+        for f in fields(getattr(job_configs, job))
+        if f.default is not MISSING or f.default_factory is not MISSING
     }
     source = manifest.get("source", {})
     if job == "IngestConfig":
@@ -172,6 +174,8 @@ def rerun_command(manifest: dict[str, Any], root: Path) -> tuple[str, str] | Non
         option = renamed.get(name, f"--{name.replace('_', '-')}")
         if isinstance(value, bool):
             words.append(option if value else f"--no-{option[2:]}")
+        elif isinstance(value, list):  # e.g. --zoom-levels 1,2,4
+            words += [option, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
         elif value is not None:
             words += [option, str(value)]
     if job == "IngestConfig":

@@ -5,13 +5,17 @@ A layout only reads names and folders; decoding and checking the pixels is inges
 
 from __future__ import annotations
 
+import csv
 import errno
+import hashlib
 import os
 import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from synthbreast.data.mammo import HEALTHY, PATHOLOGY_WORDS, Lesion
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -30,6 +34,7 @@ class Record:
     label: int
     x: int | None = None
     y: int | None = None
+    lesions: tuple[Lesion, ...] = ()  # mammograms: the annotated abnormalities of the image
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class Scan:
     patient_level: bool = True  # False when every image is its own "patient"
     links: dict = field(default_factory=dict)  # Walk.link_record(): what symlinks were followed
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of every file found, by path
+    # Mammograms: records are whole images with lesions, cut into patches by ingest.
+    mammograms: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)  # tables read: name -> sha256
+    absent: list[str] = field(default_factory=list)  # images the table names that are not here
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,9 @@ class Layout:
     scan: Callable[..., Scan]
     # SRC -> the folder under it to scan, when SRC wraps the data in one more folder
     data_root: Callable[[Path], str | None] | None = None
+    channels: int | None = None  # None: from the data (1 when every image is grey)
+    labels: str | None = None  # mammograms: the default label map (mammo.LABEL_MAPS)
+    options: tuple[str, ...] = ()  # IngestConfig fields the scan takes as keywords
 
 
 @dataclass
@@ -301,6 +313,249 @@ def scan_imagefolder(root: Path, patient_regex: str | None = None) -> Scan:
     return scan
 
 
+# --- mammograms ------------------------------------------------------------------------
+
+MIAS_TABLE = "Info.txt"
+MIAS_NAME = re.compile(r"^mdb(?P<number>\d{3})\.(pgm|png)$", re.IGNORECASE)
+MIAS_REF = re.compile(r"^mdb\d{3}$")
+MIAS_TISSUE = {"F", "G", "D"}  # fatty, fatty-glandular, dense-glandular
+MIAS_CLASSES = {"CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM"}
+MIAS_SEVERITY = {"B": "benign", "M": "malignant"}
+
+
+def mias_patient(number: int) -> str:
+    """The woman: mini-MIAS numbers her left and right films as a pair, 001/002, 003/004 ..."""
+    first = number if number % 2 else number - 1
+    return f"mdb{first:03d}-{first + 1:03d}"
+
+
+def parse_mias_table(text: str) -> tuple[dict[str, list[Lesion]], set[str], list[Problem]]:
+    """Info.txt -> (lesions by ref, refs of normal images, bad rows).
+
+    A row: ref, background tissue, class, then for an abnormality its severity and, when the
+    lesion has a place, x y radius (y from the bottom). Rows without coordinates (diffuse
+    lesions, '*NOTE 3*') are lesions without a place; a bad row makes its image's lesions
+    unknown (a placeless lesion), so no healthy patch is cut from that image.
+    """
+    lesions: dict[str, list[Lesion]] = {}
+    normal: set[str] = set()
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        where = f"{MIAS_TABLE}:{number}"
+
+        def bad(detail: str, words=words, where=where) -> None:
+            problems.append(Problem(where, "bad_row", f"{' '.join(words)!r}: {detail}"))
+            if MIAS_REF.match(words[0]):
+                lesions.setdefault(words[0], []).append(Lesion("unknown", ref=where))
+
+        ref = words[0]
+        if not MIAS_REF.match(ref):
+            bad("expected mdbNNN first")
+            continue
+        if len(words) < 3 or words[1] not in MIAS_TISSUE or words[2] not in MIAS_CLASSES:
+            bad("expected ref, tissue F/G/D, class CALC/CIRC/SPIC/MISC/ARCH/ASYM/NORM")
+            continue
+        if words[2] == "NORM":
+            if len(words) != 3:
+                bad("a NORM row has nothing after the class")
+                continue
+            normal.add(ref)
+            continue
+        if len(words) < 4 or words[3] not in MIAS_SEVERITY:
+            bad("an abnormality needs severity B or M")
+            continue
+        pathology, rest = MIAS_SEVERITY[words[3]], words[4:]
+        if not rest or rest[0].startswith("*NOTE"):
+            lesions.setdefault(ref, []).append(Lesion(pathology, kind=words[2], ref=where))
+            continue
+        if len(rest) != 3 or not all(w.isdigit() for w in rest):
+            bad("expected x y radius as whole numbers after the severity")
+            continue
+        x, y, radius = (int(w) for w in rest)
+        lesions.setdefault(ref, []).append(
+            Lesion(pathology, x, y, radius, kind=words[2], ref=where, y_from_bottom=True)
+        )
+    return lesions, normal, problems
+
+
+def scan_mias(root: Path, patient_regex: str | None = None) -> Scan:
+    """mini-MIAS: `mdbNNN.pgm` beside `Info.txt`, one row per abnormality (or NORM)."""
+    if patient_regex:
+        raise ValueError("--patient-regex applies to the imagefolder format only")
+    table = root / MIAS_TABLE
+    if not table.is_file():
+        raise ValueError(
+            f"{table} not found: the mias layout reads mdbNNN.pgm beside the set's {MIAS_TABLE} "
+            "(ref, tissue, class, severity, x, y, radius); point SRC at the folder holding both"
+        )
+    try:
+        data = table.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{table} cannot be read ({err.strerror})") from err
+    lesions, normal, bad_rows = parse_mias_table(data.decode("ascii", errors="replace"))
+    walked = walk(root)
+    digest = {MIAS_TABLE: hashlib.sha256(data).hexdigest()}
+    scan = _new_scan(walked, mammograms=True, annotations=digest)
+    scan.problems += bad_rows
+    present = set()
+    for rel in walked.files:
+        match = MIAS_NAME.match(rel)
+        if rel == MIAS_TABLE:
+            continue
+        if not (match or _is_image(rel)):
+            scan.ignored.append(rel)
+            continue
+        if not match:
+            scan.problems.append(Problem(rel, "bad_name", "expected mdbNNN.pgm in SRC itself"))
+            continue
+        ref = rel[:6].lower()
+        if ref not in lesions and ref not in normal:
+            detail = f"no row of {MIAS_TABLE} names {ref}"
+            scan.problems.append(Problem(rel, "not_in_table", detail))
+            continue
+        present.add(ref)
+        patient = mias_patient(int(match["number"]))
+        scan.records.append(Record(rel, patient, 0, lesions=tuple(lesions.get(ref, ()))))
+    # The table covers the whole set; a sample holds some of it: absent images are counted.
+    scan.absent = sorted((set(lesions) | normal) - present)
+    return scan
+
+
+CSV_REQUIRED = ("path", "label", "patient")
+CSV_CIRCLE = ("x", "y", "radius")
+CSV_BOX = ("x_min", "y_min", "x_max", "y_max")
+
+
+def _find_table(root: Path, table: str | None) -> Path:
+    if table:
+        path = Path(table) if Path(table).is_absolute() else root / table
+        if not path.is_file():
+            raise ValueError(f"--table {table}: {path} not found")
+        return path
+    found = sorted(p for p in root.glob("*.csv") if p.is_file())
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise ValueError(
+            f"the csv layout reads one table in {root} (found {len(found)}: {names}): "
+            "name it with --table FILE"
+        )
+    return found[0]
+
+
+def _number(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    return float(text)  # ValueError: a bad row
+
+
+def scan_csv(root: Path, patient_regex: str | None = None, table: str | None = None) -> Scan:
+    """A table of images: path (relative to SRC), label, patient, and optionally a lesion's
+    x y radius or x_min y_min x_max y_max (pixels from the top-left). Several rows may name one
+    image (several lesions). With coordinates in any row, images are mammograms cut into
+    patches; labels are then normal/healthy, benign, benign_without_callback or malignant (or
+    N/B/M), and a normal row has no coordinates. Without coordinates anywhere, each row is an
+    image stored as it is, classes named by the label column (sorted).
+    """
+    if patient_regex:
+        raise ValueError("--patient-regex applies to the imagefolder format only")
+    path = _find_table(root, table)
+    name = path.name if path.parent == root else str(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            rows = [
+                {k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None}
+                for r in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} cannot be read as CSV ({err})") from err
+    missing = [c for c in CSV_REQUIRED if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path} has no column {', '.join(missing)} (columns: {', '.join(header) or 'none'}); "
+            f"the csv layout needs {', '.join(CSV_REQUIRED)} and optionally "
+            f"{' '.join(CSV_CIRCLE)} or {' '.join(CSV_BOX)}"
+        )
+    walked = walk(root)
+    files = set(walked.files)
+    geometry = any(any(row.get(c) for c in (*CSV_CIRCLE, *CSV_BOX)) for row in rows)
+    digest = {name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    scan = _new_scan(walked, mammograms=geometry, annotations=digest)
+    images: dict[str, dict] = {}  # path -> {patient, lesions, normal, label}
+    for number, row in enumerate(rows, 2):  # line 1 is the header
+        where = f"{name}:{number}"
+        rel = row["path"].replace("\\", "/").lstrip("./") if row["path"] else ""
+        if not rel or not row["label"] or not row["patient"]:
+            scan.problems.append(Problem(where, "bad_row", "path, label and patient are required"))
+            continue
+        if rel not in files:
+            scan.problems.append(Problem(where, "missing_file", f"{rel} not found under {root}"))
+            continue
+        image = images.setdefault(
+            rel, {"patient": row["patient"], "lesions": [], "normal": False, "label": row["label"]}
+        )
+        if image["patient"] != row["patient"]:
+            detail = f"{rel} is patient {image['patient']!r} in an earlier row"
+            scan.problems.append(Problem(where, "patient_mismatch", detail))
+            continue
+        if not geometry:
+            if row["label"] != image["label"]:
+                detail = f"{rel} is labelled {image['label']!r} in an earlier row"
+                scan.problems.append(Problem(where, "label_mismatch", detail))
+            continue
+        pathology = PATHOLOGY_WORDS.get(row["label"].lower().replace(" ", "_"))
+        if pathology is None:
+            words = "normal, benign, benign_without_callback or malignant"
+            detail = f"label {row['label']!r}: use {words}"
+            scan.problems.append(Problem(where, "bad_label", detail))
+            image["lesions"].append(Lesion("unknown", ref=where))
+            continue
+        try:
+            circle = [_number(row.get(c, "")) for c in CSV_CIRCLE]
+            box = [_number(row.get(c, "")) for c in CSV_BOX]
+        except ValueError:
+            scan.problems.append(Problem(where, "bad_row", "coordinates must be numbers"))
+            image["lesions"].append(Lesion("unknown", ref=where))
+            continue
+        has_circle, has_box = None not in circle, None not in box
+        partial = any(v is not None for v in circle + box) and not (has_circle or has_box)
+        if partial or (pathology == HEALTHY and (has_circle or has_box)):
+            detail = (
+                "a normal row has no coordinates"
+                if pathology == HEALTHY
+                else f"give all of {' '.join(CSV_CIRCLE)} or all of {' '.join(CSV_BOX)}"
+            )
+            scan.problems.append(Problem(where, "bad_row", detail))
+            image["lesions"].append(Lesion("unknown", ref=where))
+            continue
+        if pathology == HEALTHY:
+            image["normal"] = True
+        elif has_box:
+            x0, y0, x1, y1 = (round(v) for v in box)
+            image["lesions"].append(Lesion(pathology, bbox=(x0, y0, x1, y1), ref=where))
+        elif has_circle:
+            x, y, radius = circle
+            image["lesions"].append(Lesion(pathology, x, y, radius, ref=where))
+        else:
+            image["lesions"].append(Lesion(pathology, ref=where))  # a lesion with no place
+    if geometry:
+        for rel, image in images.items():
+            scan.records.append(Record(rel, image["patient"], 0, lesions=tuple(image["lesions"])))
+    else:
+        scan.class_names = sorted({image["label"] for image in images.values()})
+        index = {label: i for i, label in enumerate(scan.class_names)}
+        for rel, image in images.items():
+            scan.records.append(Record(rel, image["patient"], index[image["label"]]))
+    listed = set(images) | {p.path for p in scan.problems}
+    scan.ignored += [rel for rel in walked.files if rel not in listed and rel != name]
+    return scan
+
+
 LAYOUTS: dict[str, Layout] = {
     "idc": Layout(
         "idc",
@@ -308,11 +563,30 @@ LAYOUTS: dict[str, Layout] = {
         50,
         scan_idc,
         idc_data_root,
+        channels=3,
     ),
     "imagefolder": Layout(
         "imagefolder",
         "<class>/<files>, classes sorted by folder name; patients from --patient-regex",
         None,
         scan_imagefolder,
+    ),
+    "mias": Layout(
+        "mias",
+        "mini-MIAS: mdbNNN.pgm beside Info.txt (lesion centre and radius, y from the bottom); "
+        "cut into lesion and healthy patches",
+        224,
+        scan_mias,
+        channels=1,
+        labels="healthy-benign-malignant",
+    ),
+    "csv": Layout(
+        "csv",
+        "a table (--table, or the one .csv in SRC): path, label, patient, optional x y radius "
+        "or x_min y_min x_max y_max; with coordinates, cut into patches",
+        None,  # images as they are without coordinates; cut patches default to 224
+        scan_csv,
+        labels="healthy-benign-malignant",
+        options=("table",),
     ),
 }

@@ -47,7 +47,12 @@ from synthbreast.config import ClassifyConfig, save_config, to_dict
 from synthbreast.data.shards import decode_image, image_bytes, iter_shard
 from synthbreast.devices import choose_device
 from synthbreast.errors import UserError
-from synthbreast.eval.metrics import classification_metrics, predict
+from synthbreast.eval.metrics import (
+    METRICS_SCHEMA,
+    classification_metrics,
+    predict,
+    result_problem,
+)
 from synthbreast.eval.scenarios import (
     ALL_SCENARIOS,
     DataPlan,
@@ -81,7 +86,6 @@ CONFIG, METRICS, PREDICTIONS, MODEL, FAILED = (
     "model.safetensors",
     "failed.json",
 )
-METRICS_SCHEMA = "synthbreast-classify-metrics/1"
 FEATURES = "features"
 # Bump when the preprocessing changes, so old cached features are not reused.
 PREPROCESS_VERSION = "bilinear-antialias-imagenet-norm-1"
@@ -444,10 +448,23 @@ def inputs_changed(run_dir: Path, plan: ScenarioPlan) -> list[str]:
     return changed
 
 
+def unreadable_result(run_dir: Path) -> str | None:
+    """Why run_dir/metrics.json is not a whole result (cut short by a full disk, a torn copy,
+    edited by hand), or None when it is one or there is none."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return None
+    try:
+        metrics = read_json(path)
+    except (OSError, ValueError) as err:  # a bad UTF-8 byte is a ValueError too
+        return f"not JSON: {err}"
+    return result_problem(metrics)
+
+
 def is_complete(run_dir: Path, config: ClassifyConfig, plan: ScenarioPlan | None = None) -> bool:
-    """metrics.json exists and was made by this same job from the same data (the manifests'
-    sha256); a different job there is an error, changed data a redo."""
-    if not (run_dir / METRICS).is_file():
+    """metrics.json exists, is a whole result, and was made by this same job from the same data
+    (the manifests' sha256); a different job there is an error; unreadable or changed, a redo."""
+    if not (run_dir / METRICS).is_file() or unreadable_result(run_dir):
         return False
     try:
         before = read_json(run_dir / CONFIG)
@@ -518,8 +535,14 @@ def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) 
             log(f"{scenario.name}: complete, skipped ({run_dir / METRICS}; --force redoes it)")
         return run_dir
     if log and (run_dir / METRICS).is_file() and not config.force:
-        changed = inputs_changed(run_dir, plan)
-        log(f"{scenario.name}: its data changed since it ran ({'; '.join(changed[:3])}): redone")
+        if problem := unreadable_result(run_dir):
+            path = run_dir / METRICS
+            log(f"{scenario.name}: {path} is unreadable ({problem}): not complete, redone")
+        else:
+            changed = inputs_changed(run_dir, plan)
+            log(
+                f"{scenario.name}: its data changed since it ran ({'; '.join(changed[:3])}): redone"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG)
     try:

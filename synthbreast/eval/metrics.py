@@ -188,3 +188,25 @@ def classification_metrics(
         },
         "ci95": bootstrap_ci(y, s, patients, n_boot=n_boot, seed=seed),
     }
+
+
+# --- a classify run's result file ------------------------------------------------------------
+
+METRICS_SCHEMA = "synthbreast-classify-metrics/1"
+# What classify's summary line and the report read from every metrics.json.
+RESULT_KEYS = ("scenario", "accuracy", "roc_auc", "ci95", "data")
+
+
+def result_problem(metrics: Any) -> str | None:
+    """Why a parsed metrics.json is not a whole classify result, or None when it is one.
+    classify redoes a scenario whose result has a problem; the report names it."""
+    if not isinstance(metrics, dict):
+        return f"not a JSON object but {type(metrics).__name__}"
+    if metrics.get("schema") != METRICS_SCHEMA:
+        return f"schema {metrics.get('schema')!r}, not {METRICS_SCHEMA!r}"
+    missing = [key for key in RESULT_KEYS if key not in metrics]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not isinstance(metrics["ci95"], dict) or not isinstance(metrics["data"], dict):
+        return "ci95 or data is not a JSON object"
+    return None

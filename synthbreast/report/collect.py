@@ -26,11 +26,11 @@ import numpy as np
 
 from synthbreast.data.shards import MANIFEST, SCHEMA, decode_image, image_bytes, iter_shard
 from synthbreast.errors import UserError
+from synthbreast.eval.metrics import METRICS_SCHEMA, result_problem
 from synthbreast.eval.scenarios import scenario_names
 from synthbreast.eval.study import STUDY_JOB, read_study, summarise
 from synthbreast.fileio import read_json, sha256_file
 
-METRICS_SCHEMA = "synthbreast-classify-metrics/1"
 FIDELITY_SCHEMA = "synthbreast-fidelity/1"
 METRICS, FAILED, CONFIG, STATS, FIDELITY = (
     "metrics.json",
@@ -250,17 +250,26 @@ def _classify_result(
     if config is not None and not isinstance(config, dict):
         config = None
     is_classify_config = bool(config) and config.get("job") == "ClassifyConfig"
-    metrics = _read(folder / METRICS, problems) if METRICS in files else None
+    metrics, unreadable = None, None
+    if METRICS in files:
+        try:
+            metrics = read_json(folder / METRICS)
+            unreadable = result_problem(metrics)
+        except (OSError, ValueError) as err:
+            unreadable = f"not JSON: {err}"
+        is_ours = isinstance(metrics, dict) and (
+            "scenario" in metrics or metrics.get("schema") == METRICS_SCHEMA
+        )
+        if unreadable and not (is_classify_config or is_ours or metrics is None):
+            unreadable = None  # another tool's metrics.json: not a classify run
+        elif unreadable:
+            problems.append(f"{folder / METRICS} is unreadable ({unreadable}); ignored")
+        if unreadable or not is_ours:
+            metrics = None
     failed = _read(folder / FAILED, problems) if FAILED in files else None
-    if metrics is not None and (
-        not isinstance(metrics, dict) or metrics.get("schema") != METRICS_SCHEMA
-    ):
-        if is_classify_config or (isinstance(metrics, dict) and "scenario" in metrics):
-            problems.append(f"{folder / METRICS}: schema is not {METRICS_SCHEMA!r}; ignored")
-        metrics = None
     if failed is not None and not isinstance(failed, dict):
         failed = None
-    if metrics is None and failed is None and not is_classify_config:
+    if metrics is None and failed is None and not is_classify_config and not unreadable:
         return None
     name = scenario_of(folder, metrics or failed or {}, config or {}, names)
     if not name:
@@ -278,6 +287,12 @@ def _classify_result(
         run.error = str(failed.get("error") or "no error message in failed.json")
         run.metrics_path = folder / FAILED
         return name, run, failed_time
+    if unreadable:
+        run.error = (
+            f"{folder / METRICS} is unreadable ({unreadable}): rerun the same classify command "
+            "to redo the scenario"
+        )
+        return name, run, (folder / METRICS).stat().st_mtime
     run.error = f"{folder} has config.json but no metrics.json or failed.json (running or killed)"
     return name, run, (folder / CONFIG).stat().st_mtime
 

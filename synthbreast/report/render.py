@@ -57,6 +57,13 @@ FIGURE_PATTERNS = (
     "study-*.svg",
 )
 REPORT_MD, REPORT_HTML, METRICS_CSV = "report.md", "report.html", "metrics.csv"
+# The PNGs `synthbreast fidelity` writes beside its fidelity.json (synthbreast/eval/fidelity.py:
+# histograms.png, pca-/tsne-/closest-pairs-<extractor>.png; pca.png of older results): the only
+# files a fidelity.json may have embedded in the report, whatever paths it names.
+FIDELITY_FIGURE = re.compile(
+    r"(histograms|pca|tsne|closest-pairs)(-[A-Za-z0-9][A-Za-z0-9._-]*)?\.png"
+)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAPER = (
     "Aytar & Gündüç (2024), Table 3: MSG-GAN on IDC, ResNet18 (ImageNet, frozen, new fc), "
     "Adam 1e-3, batch 32, 150 epochs; images split 70/30 at random, not by patient"
@@ -184,9 +191,23 @@ class Document:
         self.blocks.extend(blocks)
 
     def figure(self, name: str, caption: str, svg: str | None = None, png: bytes | None = None):
-        file = f"{FIGURES}/{name}"
+        """A figure saved as OUT/figures/<name>, `name` made a safe file name first (names
+        come from run folders and result files: no separators, no leading dot, no clash)."""
+        safe = Path(safe_file_name(name))
+        file, n = f"{FIGURES}/{safe}", 1
+        while file in self.figures:
+            n += 1
+            file = f"{FIGURES}/{safe.stem}-{n}{safe.suffix}"
         self.figures[file] = svg.encode() if svg is not None else png
         return Figure(file, caption, svg, png)
+
+
+def safe_file_name(name: str) -> str:
+    """The name's extension kept, and in the rest every run of characters other than letters,
+    digits and '_' one '-' (none at the ends): 'closest-../../x y.png' -> 'closest-x-y.png'."""
+    suffix = found[0] if (found := re.search(r"\.[A-Za-z0-9]{1,8}$", name)) else ""
+    stem = re.sub(r"[^A-Za-z0-9_]+", "-", name.removesuffix(suffix)).strip("-")
+    return (stem or "figure") + suffix
 
 
 # --- numbers as text ---------------------------------------------------------------------------
@@ -890,7 +911,6 @@ def fidelity_section(doc: Document, collected: Collected, banners: list[str] | N
         doc.add(Para("Fidelity was not run (no fidelity.json under RUNS)."))
         return
     warn(doc, banners)
-    base = collected.fidelity_path.parent
     metrics = ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage")
     rows = []
     memorisation = []
@@ -965,14 +985,39 @@ def fidelity_section(doc: Document, collected: Collected, banners: list[str] | N
     for key, relative in pngs:
         if not relative:
             continue
-        path = base / relative
-        if not path.is_file():
-            collected.problems.append(f"{collected.fidelity_path}: {relative} does not exist")
+        path = fidelity_figure(collected, key, relative)
+        if path is None:
             continue
         name = f"fidelity-{key.removesuffix('_png')}.png"
-        figures.append(doc.figure(name, f"{key}: {relative}", png=path.read_bytes()))
+        figures.append(doc.figure(name, f"{key}: {path.name}", png=path.read_bytes()))
     if figures:
         doc.add(Row(figures))
+
+
+def fidelity_figure(collected: Collected, key: str, relative: Any) -> Path | None:
+    """The PNG a fidelity.json names under `key`, when it is one `synthbreast fidelity` writes:
+    a file of a known name (FIDELITY_FIGURE) directly in the fidelity.json's folder, not a link
+    out of it, starting as a PNG does. Anything else is a problem line and is not embedded."""
+    base = collected.fidelity_path.parent
+    where = f"{collected.fidelity_path}: {key} {relative!r}"
+    if not isinstance(relative, str) or not FIDELITY_FIGURE.fullmatch(relative):
+        collected.problems.append(
+            f"{where} is not a figure fidelity writes (histograms.png, pca-<extractor>.png, "
+            "closest-pairs-<extractor>.png beside fidelity.json); not shown"
+        )
+        return None
+    path = base / relative
+    if not path.is_file():
+        collected.problems.append(f"{where} does not exist")
+        return None
+    if path.resolve().parent != base.resolve():
+        collected.problems.append(f"{where} links out of {base}; not shown")
+        return None
+    with open(path, "rb") as f:
+        if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            collected.problems.append(f"{where} is not a PNG file; not shown")
+            return None
+    return path
 
 
 # --- provenance --------------------------------------------------------------------------------
