@@ -18,6 +18,7 @@ from synthbreast.data.shards import (
     image_bytes,
     iter_shard,
     load_manifest,
+    manifest_channels,
     verify_pool,
 )
 from synthbreast.errors import UserError
@@ -50,8 +51,22 @@ def _reason(err: BaseException) -> str:
 
 
 def to_uint8_tensor(img: Image.Image):
-    """PIL RGB -> uint8 tensor [3, H, W] (the reader's default transform)."""
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    """PIL RGB -> uint8 tensor [3, H, W], grey 'L' -> [1, H, W] (the reader's default)."""
+    pixels = np.array(img)
+    if pixels.ndim == 2:
+        return torch.from_numpy(pixels).unsqueeze(0)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def folder_channels(shard_paths: list[Path]) -> int:
+    """Channels of the samples, from the manifest beside the shards (3 when there is none:
+    shards written before channels were recorded, or a folder built by hand)."""
+    if not shard_paths:
+        return 3
+    try:
+        return manifest_channels(load_manifest(Path(shard_paths[0]).parent))
+    except UserError:
+        return 3
 
 
 def _buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -77,6 +92,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     Every sample is read exactly once per epoch when the split is by shard, so use at least
     ranks x workers shards per pool (ingest's --min-shards) or some workers stay idle.
+
+    Images come as the folder stores them: 1-channel shards (mammograms) as grey [1, H, W],
+    others as RGB [3, H, W]; `channels` forces one or the other (e.g. 3 for a model that
+    needs RGB, the grey replicated).
     """
 
     def __init__(
@@ -89,9 +108,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 1000,
         transform: Callable[[Image.Image], Any] = to_uint8_tensor,
         handler: Callable[[Exception], bool] | None = None,
+        channels: int | None = None,
     ):
         super().__init__()
         self.urls = [str(p) for p in shard_paths]
+        self.channels = channels if channels is not None else folder_channels(shard_paths)
         self.classes = None if classes is None else {int(c) for c in classes}
         self.shuffle = shuffle
         self.seed = seed
@@ -166,7 +187,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 self._bad_sample(sample, "metadata (.json)", err)
                 continue
             try:
-                image = decode_image(image_bytes(sample))
+                image = decode_image(image_bytes(sample), self.channels)
             except READ_ERRORS as err:
                 self._bad_sample(sample, "image", err)
                 continue

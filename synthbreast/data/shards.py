@@ -21,6 +21,7 @@ from PIL import Image
 
 from synthbreast.errors import UserError
 from synthbreast.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, temp_name
+from synthbreast.images import to_8bit
 
 MANIFEST = "manifest.json"
 SCHEMA = "synthbreast-shards/1"
@@ -287,9 +288,21 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
     raise ValueError(f"sample {sample.get('__key__')} has no image member")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Image bytes -> an RGB PIL image (grey or RGBA sources become RGB)."""
+def decode_image(data: bytes, channels: int = 3) -> Image.Image:
+    """Image bytes -> an RGB PIL image (grey or RGBA sources become RGB), or with channels=1 a
+    grey 'L' one (what 1-channel shards hold)."""
     img = Image.open(io.BytesIO(data))
     img.load()
+    mode = "L" if channels == 1 else "RGB"
     # convert() copies even when the mode is already right: skip it for RGB (the usual case)
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == mode else to_8bit(img).convert(mode)
+
+
+def manifest_channels(manifest: dict[str, Any]) -> int:
+    """Channels of a folder's samples: 1 or 3 (folders written before channels were kept: 3)."""
+    return int(manifest.get("sample", {}).get("channels") or 3)
+
+
+def manifest_classes(manifest: dict[str, Any]) -> list[str]:
+    """The class names of a folder, index = label (2 for IDC, 3 for healthy/benign/malignant)."""
+    return list(manifest["source"]["class_names"])
