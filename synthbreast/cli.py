@@ -69,6 +69,34 @@ def user_errors(command):
     return wrapper
 
 
+def checked(config):
+    """--dry-run: the options checked as the stage checks them before it makes any folder (a
+    bad value is the same one-line error), then the config to print."""
+    name = type(config).__name__
+    if name == "IngestConfig":
+        from synthbreast.data.ingest import validate
+    elif name == "TrainGANConfig":
+        from synthbreast.train.gan import validate
+    elif name == "GenerateConfig":
+        from synthbreast.generate import validate
+    elif name == "ImportSyntheticConfig":
+        from synthbreast.data.import_synthetic import validate
+    elif name == "ReportConfig":
+        from synthbreast.report.render import validate
+    elif name == "ClassifyConfig":
+        from synthbreast.eval.classify import validate
+    elif name == "FidelityConfig":
+        from synthbreast.eval.fidelity import resolve_extractors, validate
+
+        validate(config)
+        resolve_extractors(config)  # a named extractor that cannot run stops the run here too
+        return config
+    else:
+        raise TypeError(f"no option check for {name}")
+    validate(config)
+    return config
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"synthbreast {__version__}")
@@ -240,7 +268,7 @@ def ingest(
         resume=resume,
     )
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     with progress_bar() as progress:
         manifest = run_ingest(config, progress)
@@ -431,7 +459,7 @@ def train_gan(
     )
     config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     try:
         run_dir = run(config, progress_print=print_tick)
@@ -497,7 +525,7 @@ def generate(
         batch_size=batch_size,
     )
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     with progress_bar() as progress:
         summary = run_generate(config, progress)
@@ -559,7 +587,7 @@ def import_synthetic(
         shard_size=shard_size,
     )
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     with progress_bar() as progress:
         summary = run_import(config, progress)
@@ -896,7 +924,7 @@ def report(
 
     config = ReportConfig(runs=str(runs), out=str(out), grid_per_class=grid_per_class, seed=seed)
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     html_path = run_report(config)
     print(html_path)
@@ -1009,7 +1037,7 @@ def classify(
         force=force,
     )
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     with progress_bar() as progress:
         run_dirs = run_scenarios(config, progress, log=print_tick)
@@ -1228,7 +1256,7 @@ def fidelity(
         force=force,
     )
     if dry_run:
-        print(dumps(config))
+        print(dumps(checked(config)))
         return
     with progress_bar() as progress:
         path = run_fidelity(config, progress, log=print_tick)

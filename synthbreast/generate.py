@@ -591,6 +591,8 @@ def validate(config: GenerateConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if config.output_size is not None and config.output_size < 1:
         raise UserError("--output-size must be at least 1 pixel")
+    if config.shard_range is not None:
+        parse_shard_range(config.shard_range, config.shards)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -126,8 +127,15 @@ def validate(config: ClassifyConfig) -> None:
     for name in ("epochs", "batch_size", "feature_batch_size", "n_boot"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.lr <= 0:
-        raise UserError(f"--lr {config.lr} must be positive")
+    if not math.isfinite(config.lr) or config.lr <= 0:
+        raise UserError(f"--lr {config.lr} must be a positive number")
+    if not math.isfinite(config.synth_ratio) or config.synth_ratio < 0:
+        raise UserError(f"--synth-ratio {config.synth_ratio} must be a number >= 0")
+    if config.scenario == ALL_SCENARIOS:
+        if config.task_id is not None:
+            raise UserError("--scenario all runs every scenario: leave out --task-id")
+    else:
+        resolve_scenario(config.scenario, config.task_id)
 
 
 def uses_cache(config: ClassifyConfig) -> bool:

@@ -293,6 +293,7 @@ def validate(config: FidelityConfig) -> None:
         (config.copy_threshold > 0, "--copy-threshold must be above 0 (a distance ratio)"),
         (config.pixels_side >= 1, "--pixels-side must be at least 1"),
         (config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.workers >= 0, "--workers must be at least 0 (0: read in the main process)"),
         (config.closest_pairs >= 1, "--closest-pairs must be at least 1"),
     )
     for ok, message in checks:

@@ -1289,13 +1289,20 @@ def to_html(doc: Document) -> str:
 # --- the job -----------------------------------------------------------------------------------
 
 
+def validate(config: ReportConfig) -> None:
+    """The options, checked before OUT is made (and by --dry-run)."""
+    if not Path(config.runs).is_dir():
+        raise UserError(f"RUNS {config.runs} is not a folder: give the folder holding the runs")
+    if config.grid_per_class < 1:
+        raise UserError(f"--grid-per-class {config.grid_per_class} must be at least 1")
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise UserError(f"--out {config.out} is a file: give a folder for the report")
+
+
 def run_report(config: ReportConfig) -> Path:
     """Write OUT/report.md, OUT/report.html, OUT/metrics.csv and OUT/figures; return the HTML."""
+    validate(config)
     runs, out = Path(config.runs), Path(config.out)
-    if not runs.is_dir():
-        raise UserError(f"RUNS {runs} is not a folder: give the folder holding the runs")
-    if config.grid_per_class < 1:
-        raise UserError("--grid-per-class must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.json")
 
