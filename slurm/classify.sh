@@ -2,15 +2,19 @@
 # The classification scenarios as a Slurm job array: array index k = the k-th scenario of
 # `synthbreast classify --help` (real-real, synth-synth, real-synth, synth-real, real+synth-real).
 #
+#   CONFIG=/scratch/run/configs/classify.json sbatch --array=0-4 slurm/classify.sh
 #   REAL=/scratch/idc-shards SYNTHETIC=/scratch/synthetic OUT=/scratch/classify \
 #       sbatch --array=0-4 slurm/classify.sh
 #   ... sbatch --array=3 slurm/classify.sh          # rerun one failed scenario
 #
-# `synthbreast submit classify` writes this command line for you (--dry-run prints it).
+# `synthbreast submit classify` and `submit all` write the config file and this command line
+# for you (--dry-run prints them).
 # A scenario whose metrics.json exists is skipped, so resubmitting the whole array only redoes
 # the missing or failed tasks. A failed task leaves OUT/<scenario>/failed.json for the report.
 #
 # Variables:
+#   CONFIG             a classify config (JSON): task k runs `classify --config CONFIG
+#                      --task-id k`; the variables below are then not read
 #   REAL               real shards (`synthbreast ingest` output)                   (required)
 #   SYNTHETIC          synthetic shard folders, space-separated (generate outputs or their
 #                      parent folder)                                              (required)
@@ -30,17 +34,23 @@
 
 set -euo pipefail
 
-: "${REAL:?set REAL to the real shards folder}"
-: "${SYNTHETIC:?set SYNTHETIC to the synthetic shards folder(s)}"
-: "${OUT:?set OUT to the folder for the scenario runs}"
 : "${SLURM_ARRAY_TASK_ID:?submit as an array job: sbatch --array=0-4 slurm/classify.sh}"
 
-args=(classify --real "$REAL" --out "$OUT" --task-id "$SLURM_ARRAY_TASK_ID")
-for folder in $SYNTHETIC; do
-    args+=(--synthetic "$folder")
-done
-# shellcheck disable=SC2206  # EXTRA is a list of flags
-args+=(${EXTRA:-})
+if [[ -n "${CONFIG:-}" ]]; then
+    args=(classify --config "$CONFIG" --task-id "$SLURM_ARRAY_TASK_ID")
+else
+    : "${REAL:?set REAL to the real shards folder (or CONFIG to a classify config)}"
+    : "${SYNTHETIC:?set SYNTHETIC to the synthetic shards folder(s)}"
+    : "${OUT:?set OUT to the folder for the scenario runs}"
+    args=(classify --real "$REAL" --out "$OUT" --task-id "$SLURM_ARRAY_TASK_ID")
+    read -r -a folders <<< "$SYNTHETIC"
+    for folder in "${folders[@]}"; do
+        args+=(--synthetic "$folder")
+    done
+    # EXTRA is split into words, never run as shell code
+    read -r -a extra <<< "${EXTRA:-}"
+    args+=("${extra[@]}")
+fi
 
 echo "scenario task ${SLURM_ARRAY_TASK_ID} of array ${SLURM_ARRAY_JOB_ID:-none} on $(hostname)"
 if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Synthetic shards from a trained generator, as a Slurm job array: one GPU per array task.
 #
+#   CONFIG=/scratch/run/configs/generate-class1.json sbatch --array=0-7 slurm/generate.sh
 #   CHECKPOINT=runs/00003-gan-class1 OUT=/scratch/synthetic-class1 sbatch slurm/generate.sh
 #   CHECKPOINT=... OUT=... SHARDS=152 sbatch --array=0-15%4 slurm/generate.sh
 #
@@ -12,6 +13,8 @@
 # system with working flock (NFS v4, Lustre, GPFS and local disks are; some NFS v3 mounts are not).
 #
 # Variables:
+#   CONFIG             a generate config (JSON; `synthbreast submit all` writes it): the whole
+#                      job; the variables below are then not read
 #   CHECKPOINT         run folder of `synthbreast train-gan` (its latest checkpoint) or ckpt-*.json
 #   OUT                folder for the shards and manifest.json (one job per folder)
 #   SHARDS             total shards of the whole job, over all tasks        [76]
@@ -31,22 +34,25 @@
 
 set -euo pipefail
 
-: "${CHECKPOINT:?set CHECKPOINT to a training run folder or a ckpt-*.json}"
-: "${OUT:?set OUT to the folder for the synthetic shards}"
-
-args=(
-    generate
-    --checkpoint "$CHECKPOINT"
-    --out "$OUT"
-    --shards "${SHARDS:-76}"
-    --per-shard "${PER_SHARD:-1000}"
-    --seed "${SEED:-0}"
-)
-if [[ -n "${CLASS:-}" ]]; then
-    args+=(--class "$CLASS")
-fi
-if [[ -n "${OUTPUT_SIZE:-}" ]]; then
-    args+=(--output-size "$OUTPUT_SIZE")
+if [[ -n "${CONFIG:-}" ]]; then
+    args=(generate --config "$CONFIG")
+else
+    : "${CHECKPOINT:?set CHECKPOINT to a training run folder or a ckpt-*.json (or CONFIG)}"
+    : "${OUT:?set OUT to the folder for the synthetic shards}"
+    args=(
+        generate
+        --checkpoint "$CHECKPOINT"
+        --out "$OUT"
+        --shards "${SHARDS:-76}"
+        --per-shard "${PER_SHARD:-1000}"
+        --seed "${SEED:-0}"
+    )
+    if [[ -n "${CLASS:-}" ]]; then
+        args+=(--class "$CLASS")
+    fi
+    if [[ -n "${OUTPUT_SIZE:-}" ]]; then
+        args+=(--output-size "$OUTPUT_SIZE")
+    fi
 fi
 
 echo "task ${SLURM_ARRAY_TASK_ID:-none} of array ${SLURM_ARRAY_JOB_ID:-none} on $(hostname)"

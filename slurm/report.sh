@@ -8,6 +8,7 @@
 # report lists failed or missing scenarios instead of never being written.
 #
 # Variables:
+#   CONFIG             a report config (JSON; `synthbreast submit` writes it); else RUNS and OUT
 #   RUNS               folder holding the runs (classify, fidelity, GAN runs, shards)  (required)
 #   OUT                folder for the report                                          (required)
 #   SYNTHBREAST_IMAGE  an Apptainer image to run in; unset: the installed `synthbreast`
@@ -19,10 +20,13 @@
 
 set -euo pipefail
 
-: "${RUNS:?set RUNS to the folder holding the runs}"
-: "${OUT:?set OUT to the folder for the report}"
-
-args=(report "$RUNS" --out "$OUT")
+if [[ -n "${CONFIG:-}" ]]; then
+    args=(report --config "$CONFIG")
+else
+    : "${RUNS:?set RUNS to the folder holding the runs (or CONFIG to a report config)}"
+    : "${OUT:?set OUT to the folder for the report}"
+    args=(report "$RUNS" --out "$OUT")
+fi
 if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then
     exec apptainer exec "$SYNTHBREAST_IMAGE" synthbreast "${args[@]}"
 else

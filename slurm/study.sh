@@ -36,11 +36,13 @@ set -euo pipefail
 : "${SLURM_ARRAY_TASK_ID:?submit as an array job: sbatch --array=0-N slurm/study.sh}"
 
 args=(study --real "$REAL" --out "$STUDY" --task-id "$SLURM_ARRAY_TASK_ID")
-for folder in ${SYNTHETIC:-}; do
+read -r -a folders <<< "${SYNTHETIC:-}"
+for folder in "${folders[@]}"; do
     args+=(--synthetic "$folder")
 done
-# shellcheck disable=SC2206  # EXTRA is a list of flags
-args+=(${EXTRA:-})
+# EXTRA is split into words, never run as shell code
+read -r -a extra <<< "${EXTRA:-}"
+args+=("${extra[@]}")
 
 echo "study task ${SLURM_ARRAY_TASK_ID} of array ${SLURM_ARRAY_JOB_ID:-none} on $(hostname)"
 if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then

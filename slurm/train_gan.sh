@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Train MSG-GAN with accelerate over every GPU and node of the allocation.
 #
+#   CONFIG=/scratch/run/configs/gan.json sbatch slurm/train_gan.sh
 #   SHARDS=/data/idc-shards CLASS=1 sbatch slurm/train_gan.sh
 #   SHARDS=... CLASS=0 EXTRA="--budget small" sbatch --nodes=2 slurm/train_gan.sh
 #
 # Edit the #SBATCH lines for your cluster; everything else comes from the environment:
-#   SHARDS            folder written by `synthbreast ingest` (required)
+#   CONFIG            a train-gan config (JSON; `synthbreast submit all` writes it): the whole
+#                     job; SHARDS, CLASS, OUTDIR and EXTRA are then not read
+#   SHARDS            folder written by `synthbreast ingest` (required without CONFIG)
 #   CLASS             class to train on (the paper trains one GAN per class); unset = all
 #   OUTDIR            where numbered run folders go (default: runs)
-#   EXTRA             more train-gan flags, e.g. "--kimg 2000 --mixed-precision bf16"
+#   EXTRA             more train-gan flags, e.g. "--kimg 2000 --mixed-precision bf16" (split
+#                     into words, never run as shell code)
 #   SYNTHBREAST_IMAGE an Apptainer image: run inside it (apptainer exec --nv) if set
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to this batch script 120 s before the end
@@ -37,8 +41,17 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-: "${SHARDS:?set SHARDS to a folder written by synthbreast ingest}"
-OUTDIR=${OUTDIR:-runs}
+if [[ -n "${CONFIG:-}" ]]; then
+  job=(train-gan --config "$CONFIG" --resume auto)
+else
+  : "${SHARDS:?set SHARDS to a folder written by synthbreast ingest (or CONFIG to a config)}"
+  job=(train-gan "$SHARDS" --outdir "${OUTDIR:-runs}" --resume auto)
+  if [[ -n "${CLASS:-}" ]]; then
+    job+=(--class "$CLASS")
+  fi
+  read -r -a extra <<< "${EXTRA:-}"
+  job+=("${extra[@]}")
+fi
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}  # "a100:4" -> "4"
 [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || GPUS_PER_NODE=1  # no GPUs: one CPU process per node
@@ -47,33 +60,34 @@ NNODES=${SLURM_NNODES:-1}
 MAIN_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 MAIN_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
 
-run() {
-  if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then
-    exec apptainer exec --nv "$SYNTHBREAST_IMAGE" "$@"
-  else
-    exec "$@"
-  fi
-}
-
-class_flag=()
-[[ -n "${CLASS:-}" ]] && class_flag=(--class "$CLASS")
 NPROC=$((NNODES * GPUS_PER_NODE))
 if [[ $NPROC -gt 1 ]]; then
-  launcher="accelerate launch --num_machines $NNODES --machine_rank \$SLURM_NODEID \
-    --num_processes $NPROC --multi_gpu \
-    --main_process_ip $MAIN_ADDR --main_process_port $MAIN_PORT -m synthbreast"
+  # --machine_rank is each node's own: node_main below puts $SLURM_NODEID there
+  launcher=(accelerate launch --num_machines "$NNODES" --machine_rank 0
+    --num_processes "$NPROC" --multi_gpu
+    --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" -m synthbreast)
 else
-  launcher="synthbreast"
+  launcher=(synthbreast)
 fi
+
+# What srun runs on each node. Every word of the command is its own argument ("$@"): a path or
+# flag is never parsed as shell code, whatever quotes or semicolons it holds.
+# shellcheck disable=SC2016  # expanded by the bash on each node, not here
+node_main='args=("$@")
+for i in "${!args[@]}"; do
+  if [[ ${args[$i]} == --machine_rank ]]; then args[$((i + 1))]=$SLURM_NODEID; break; fi
+done
+if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then
+  exec apptainer exec --nv "$SYNTHBREAST_IMAGE" "${args[@]}"
+fi
+exec "${args[@]}"'
 
 got_signal=0
 trap 'got_signal=1; echo "SIGUSR1: checkpointing, then requeue"
   scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
 
 # One launcher per node (srun), each starting one process per GPU.
-# shellcheck disable=SC2086  # EXTRA is a list of flags
-srun --kill-on-bad-exit=1 bash -c "$(declare -f run); run $launcher \
-  train-gan '$SHARDS' --outdir '$OUTDIR' ${class_flag[*]} --resume auto ${EXTRA:-}" &
+srun --kill-on-bad-exit=1 bash -c "$node_main" node "${launcher[@]}" "${job[@]}" &
 srun_pid=$!
 
 status=0

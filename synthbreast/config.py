@@ -24,6 +24,38 @@ def dumps(config: Any) -> str:
     return json.dumps(to_dict(config), indent=2)
 
 
+def load_config(path: Path, kind: type) -> Any:
+    """The `kind` dataclass a `--config FILE` holds (what `--dry-run` prints, or `submit`
+    writes); a file of another job, an unknown field or a missing one is a UserError."""
+    from synthbreast.errors import UserError
+
+    where = f"--config {path}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{where}: cannot read it ({err.strerror})") from None
+    except ValueError as err:
+        raise UserError(f"{where} is not JSON ({err}): write it with --dry-run > FILE") from None
+    if not isinstance(data, dict) or data.get("job", kind.__name__) != kind.__name__:
+        job = data.get("job") if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{where} holds a {job} config, not {kind.__name__}: give this command's")
+    data = {k: v for k, v in data.items() if k != "job"}
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)} for {kind.__name__}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(kind)
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)} of {kind.__name__}")
+    return kind(**data)
+
+
 @dataclass
 class DemoDataConfig:
     """`synthbreast demo-data`: the procedural, clearly-not-real IDC-layout demo dataset."""
@@ -174,7 +206,7 @@ class PipelineConfig:
     format: str = "idc"
     small_patches: str = "pad"  # real IDC has border patches under 50 px: pad them with white
     skip_bad: bool = False
-    budget: str = "small"  # tiny | small | paper (synthbreast/pipeline.py PIPELINE_BUDGETS)
+    budget: str = "small"  # tiny | small | paper (synthbreast/chain.py PIPELINE_BUDGETS)
     per_class_gans: bool = False  # the paper's one MSG-GAN per class; default one conditional
     keep_going: bool = False  # classify even when the generator collapsed (the report warns)
     backbone: str | None = None  # classifier backbone: None = the budget's
@@ -182,6 +214,32 @@ class PipelineConfig:
     weights_path: str | None = None
     seed: int = 0
     workers: int = 2
+
+
+@dataclass(frozen=True)
+class PipelineBudget:
+    """What one `--budget` of `pipeline` and `submit all` means for every stage of the chain.
+    The GAN's settings are train-gan's own budget of that name (synthbreast/train/gan.py)."""
+
+    demo_patients: int
+    demo_per_class: int
+    gan_budget: str  # a key of synthbreast/train/gan.py BUDGETS
+    gan_kimg: float | None  # None: the GAN budget's length
+    synth_shards: int  # per class
+    synth_per_shard: int
+    classify_epochs: int
+    input_size: str
+    backbone: str
+    weights: str
+    fidelity_extractors: tuple[str, ...]  # () = fidelity's default extractors
+
+
+@dataclass
+class GateConfig:
+    """`synthbreast gate`: the collapse gate between generation and classification."""
+
+    synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs
+    keep_going: bool = False  # pass a collapsed set on (the report then carries a warning)
 
 
 @dataclass

@@ -1,14 +1,13 @@
 """`synthbreast submit` and `synthbreast status`: the chain as Slurm jobs with dependencies.
 
-Each job is one `sbatch` command line on a script of `slurm/` (variables in the environment,
-resources in the script's #SBATCH lines, overridable with --sbatch-args). `--dry-run` prints
-the lines as a bash script that would submit the same jobs (later lines read the job ids of
-earlier ones from shell variables); a real submission records every job in OUT/jobs.jsonl,
-which `synthbreast status` reads.
-
-The folders are those of `synthbreast pipeline` (synthbreast/pipeline.py): OUT/shards,
-OUT/gan/all/<run> (or OUT/gan/class<c>/<run>),
-OUT/synthetic/class<c>, OUT/classify/<scenario>, OUT/report.
+Each job is one `sbatch` command line on a script of `slurm/` (resources in the script's
+#SBATCH lines, overridable with --sbatch-args). A stage of the chain (synthbreast/chain.py)
+is submitted as `synthbreast <command> --config FILE`: its config is written to
+OUT/configs/<stage>.json and the script gets the file's path (CONFIG, or run.sh's arguments),
+never the settings as flags, so no path or value is ever parsed by a shell. `--dry-run`
+prints a bash script that writes the same config files and submits the same jobs (later lines
+read the job ids of earlier ones from shell variables); a real submission records every job in
+OUT/jobs.jsonl, which `synthbreast status` reads.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from synthbreast.errors import UserError
+from synthbreast.fileio import atomic_write_bytes
 
 JOBS_FILE = "jobs.jsonl"
 
@@ -50,6 +50,9 @@ class Job:
     array: str | None = None
     after: list[str] = field(default_factory=list)
     dependency_type: str = "afterok"
+    stage: str | None = None  # the synthbreast command it runs with --config (for status)
+    config: str | None = None  # that config file
+    files: dict[str, str] = field(default_factory=dict)  # written before it is submitted
 
     def command(self, ids: dict[str, str], logs: Path, sbatch_args: list[str]) -> list[str]:
         cmd = ["sbatch", "--parsable", f"--job-name=synthbreast-{self.name}"]
@@ -60,6 +63,8 @@ class Job:
         if self.after:
             parents = ":".join(resolve_id(a, ids) for a in self.after)
             cmd.append(f"--dependency={self.dependency_type}:{parents}")
+            if self.dependency_type == "afterok":  # a failed parent cancels it, not pends it
+                cmd.append("--kill-on-invalid-dep=yes")
         return [*cmd, *sbatch_args, "--export=ALL", self.script, *self.args]
 
 
@@ -76,11 +81,26 @@ def array_range(count: int, max_parallel: int | None = None) -> str:
     return f"{spec}%{max_parallel}" if max_parallel else spec
 
 
-def dry_run_script(jobs: list[Job], logs: Path, sbatch_args: list[str]) -> str:
-    """A bash script that submits `jobs` exactly as `submit_jobs` would."""
+def task_spec(count: int, tasks: str | None, max_parallel: int | None) -> str:
+    """--tasks (or every task) with the --max-parallel cap."""
+    spec = tasks or f"0-{count - 1}"
+    return f"{spec}%{max_parallel}" if max_parallel else spec
+
+
+def dry_run_script(
+    jobs: list[Job], logs: Path, sbatch_args: list[str], notes: list[str] = ()
+) -> str:
+    """A bash script that writes the same files and submits `jobs` exactly as `submit_jobs`."""
     ids = {job.name: "$" + shell_name(job.name) for job in jobs}
-    lines = ["#!/bin/bash", "set -euo pipefail", f"mkdir -p {shlex.quote(str(logs))}"]
+    lines = ["#!/bin/bash", "set -euo pipefail", *(f"# {note}" for note in notes)]
+    lines.append(f"mkdir -p {shlex.quote(str(logs))}")
     for job in jobs:
+        for path, text in job.files.items():
+            # a quoted here-document: the JSON is written as it is, never expanded
+            lines.append(f"mkdir -p {shlex.quote(str(Path(path).parent))}")
+            lines.append(f"cat > {shlex.quote(path)} <<'SYNTHBREAST_CONFIG'")
+            lines.append(text.rstrip("\n"))
+            lines.append("SYNTHBREAST_CONFIG")
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in job.env.items())
         command = shlex.join(job.command(ids, logs, sbatch_args))
         # job ids stay shell variables, outside the quotes shlex put around the dependency
@@ -95,12 +115,19 @@ def shell_name(name: str) -> str:
     return name.replace("-", "_").replace("+", "_").upper() + "_JOB"
 
 
+def write_files(files: dict[str, str]) -> None:
+    for path, text in files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(path), text.encode())
+
+
 def submit_jobs(jobs: list[Job], out: Path, sbatch_args: list[str]) -> dict[str, str]:
     """Submit in order; returns {job name: Slurm job id}; appends each to OUT/jobs.jsonl."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}
     for job in jobs:
+        write_files(job.files)
         command = job.command(ids, logs, sbatch_args)
         try:
             done = subprocess.run(
@@ -118,6 +145,8 @@ def submit_jobs(jobs: list[Job], out: Path, sbatch_args: list[str]) -> dict[str,
             "after": [resolve_id(a, ids) for a in job.after],
             "dependency_type": job.dependency_type,
             "env": job.env,
+            "stage": job.stage,
+            "config": job.config,
             "sbatch_args": sbatch_args,
             "command": command,
             "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -130,24 +159,59 @@ def submit_jobs(jobs: list[Job], out: Path, sbatch_args: list[str]) -> dict[str,
 # --- plans ----------------------------------------------------------------------------------
 
 
-def classify_job(
-    real: Path, synthetic: list[Path], out: Path, extra: str, tasks: str, after: list[str]
-) -> Job:
-    env = {
-        "REAL": str(real),
-        "SYNTHETIC": " ".join(str(s) for s in synthetic),
-        "OUT": str(out),
-        "EXTRA": extra,
-    }
-    return Job("classify", str(slurm_dir() / "classify.sh"), env, array=tasks, after=after)
+def stage_job(stage, folder: Path, tasks: str | None = None, after: list[str] = ()) -> Job:
+    """`synthbreast <command> --config FILE` for one stage of synthbreast/chain.py, its config
+    written to FOLDER/configs/ (an existing identical file is reused)."""
+    from synthbreast.chain import config_path, config_text
+
+    path = config_path(folder, stage)
+    text = config_text(stage.config)
+    files = {} if path.is_file() else {str(path)}
+    script = str(slurm_dir() / stage.kind.script)
+    env, args = {}, []
+    if stage.kind.script == "run.sh":  # any one command: its arguments, unchanged
+        args = [stage.command, "--config", str(path)]
+    else:
+        env = {"CONFIG": str(path)}
+    if stage.array is not None and tasks is None:
+        tasks = array_range(stage.array)
+    return Job(
+        stage.name, script, env, args, array=tasks, after=list(after),
+        dependency_type=stage.dependency, stage=stage.command, config=str(path),
+        files={p: text for p in files},
+    )  # fmt: skip
+
+
+def plan_jobs(stages: list, out: Path, max_parallel: int | None) -> tuple[list[Job], list[str]]:
+    """The chain's stages as jobs; the stages complete now are left out (as `pipeline` skips
+    them) and named in the notes. Later stages skip what is complete themselves."""
+    jobs, notes, left_out = [], [], set()
+    for stage in stages:
+        if stage.kind.done is not None and stage.kind.done(stage.config):
+            left_out.add(stage.name)
+            notes.append(f"{stage.name}: complete, not submitted")
+            continue
+        tasks = array_range(stage.array, max_parallel) if stage.array is not None else None
+        after = [name for name in stage.after if name not in left_out]
+        jobs.append(stage_job(stage, out, tasks, after))
+    return jobs, notes
+
+
+def classify_job(config, tasks: str) -> Job:
+    """The scenario array of a ClassifyConfig; its config and jobs.jsonl go to its OUT."""
+    from synthbreast.chain import Stage
+
+    return stage_job(Stage("classify", "classify", config), Path(config.out), tasks)
 
 
 def report_job(runs: Path, out: Path, after: list[str]) -> Job:
     # afterany: a failed scenario must be listed in the report, not block it forever
-    env = {"RUNS": str(runs), "OUT": str(out)}
-    return Job(
-        "report", str(slurm_dir() / "report.sh"), env, after=after, dependency_type="afterany"
-    )
+    from synthbreast.chain import Stage
+    from synthbreast.config import ReportConfig
+
+    stage = Stage("report", "report", ReportConfig(runs=str(runs), out=str(out)),
+                  dependency="afterany")  # fmt: skip
+    return stage_job(stage, runs, after=after)
 
 
 def study_jobs(
@@ -169,117 +233,22 @@ def study_jobs(
         Job("study", str(slurm_dir() / "study.sh"), env, array=tasks),
         Job("study-summary", str(slurm_dir() / "run.sh"), args=summary_args, after=["study"],
             dependency_type="afterany"),
-        report_job(out, out / "report", ["study-summary"]),
+        Job("report", str(slurm_dir() / "report.sh"),
+            {"RUNS": str(out), "OUT": str(out / "report")}, after=["study-summary"],
+            dependency_type="afterany"),
     ]  # fmt: skip
-
-
-def plan_all(
-    data: Path | None,
-    out: Path,
-    demo: bool,
-    settings: dict[str, Any],
-    classes: list[int],
-    max_parallel: int | None,
-    patch_size: int = 50,
-    per_class_gans: bool = False,
-) -> list[Job]:
-    """ingest -> one conditional GAN (or one per class) -> generation per class -> scenario
-    array -> fidelity -> report. Stages found complete now (demo data, ingest) are left out,
-    as `pipeline` skips them; later stages skip what is complete themselves."""
-    from synthbreast.eval.scenarios import scenario_names
-
-    scripts = slurm_dir()
-    run = str(scripts / "run.sh")
-    shards, synthetic = out / "shards", out / "synthetic"
-    jobs: list[Job] = []
-    ingest_after = []
-    if demo:
-        data = out / "data"
-        if not demo_data_complete(data, settings):  # a resubmission continues the chain
-            demo_args = ["demo-data", str(data), "--patients", str(settings["demo_patients"])]
-            demo_args += ["--per-class", str(settings["demo_per_class"])]
-            jobs.append(Job("demo-data", run, args=demo_args))
-            ingest_after = ["demo-data"]
-    assert data is not None
-    gan_after = []
-    # a complete ingest is not redone: `ingest --resume` would rewrite its manifest, and the
-    # fidelity of a resubmitted chain would then refuse its own earlier result
-    if _status(shards / "manifest.json") != "complete":
-        ingest_args = ["ingest", str(data), str(shards), "--small-patches", "pad", "--resume"]
-        jobs.append(Job("ingest", run, args=ingest_args, after=ingest_after))
-        gan_after = ["ingest"]
-    generated = []
-    budget = f"--budget {settings['gan_budget']}"
-    budget += f" --kimg {settings['gan_kimg']}" if settings["gan_kimg"] else ""
-    if not per_class_gans:  # one conditional model draws every class (as `pipeline`)
-        gan_env = {"SHARDS": str(shards), "OUTDIR": str(out / "gan" / "all"),
-                   "EXTRA": f"--model msggan-cond {budget}"}  # fmt: skip
-        jobs.append(Job("gan", str(scripts / "train_gan.sh"), gan_env, after=gan_after))
-    for c in classes:
-        gan_name, gan_out = ("gan", out / "gan" / "all")
-        if per_class_gans:
-            gan_name, gan_out = f"gan-class{c}", out / "gan" / f"class{c}"
-            gan_env = {"SHARDS": str(shards), "CLASS": str(c), "OUTDIR": str(gan_out),
-                       "EXTRA": f"--model msggan {budget}"}  # fmt: skip
-            jobs.append(Job(gan_name, str(scripts / "train_gan.sh"), gan_env, after=gan_after))
-        gen_env = {
-            "CHECKPOINT": str(gan_out),
-            "OUT": str(synthetic / f"class{c}"),
-            "SHARDS": str(settings["synth_shards"]),
-            "PER_SHARD": str(settings["synth_per_shard"]),
-            "CLASS": str(c),
-            "OUTPUT_SIZE": str(patch_size),  # the real patch size, as in the pipeline
-        }
-        tasks = array_range(min(settings["synth_shards"], 8), max_parallel)
-        name = f"generate-class{c}"
-        jobs.append(Job(name, str(scripts / "generate.sh"), gen_env, array=tasks, after=[gan_name]))
-        generated.append(name)
-    extra = f"--backbone {settings['backbone']} --weights {settings['weights']}"
-    extra += f" --epochs {settings['classify_epochs']}"
-    extra += f" --input-size {settings['input_size']}"
-    tasks = array_range(len(scenario_names()), max_parallel)
-    jobs.append(classify_job(shards, [synthetic], out / "classify", extra, tasks, generated))
-    fidelity_args = ["fidelity", "--real", str(shards), "--synthetic", str(synthetic)]
-    fidelity_args += ["--out", str(out / "fidelity")]
-    for name in settings["fidelity_extractors"]:  # none named: the default extractors
-        fidelity_args += ["--extractor", name]
-    # fidelity needs the synthetic sets only (it trains its own histology space), so it runs
-    # beside the classifier array
-    jobs.append(Job("fidelity", run, args=fidelity_args, after=generated))
-    jobs.append(report_job(out, out / "report", ["classify", "fidelity"]))
-    return jobs
-
-
-def demo_data_complete(data: Path, settings: dict[str, Any]) -> bool:
-    """The demo dataset the chain would write is already there (as `pipeline` checks)."""
-    from synthbreast.config import DemoDataConfig, to_dict
-    from synthbreast.data.demo import DEMO_MARKER
-
-    marker = data / DEMO_MARKER
-    if not data.exists():
-        return False
-    if not marker.is_file():
-        raise UserError(
-            f"{data} exists and is not a synthbreast demo dataset; use another --out, or --data"
-        )
-    written = json.loads(marker.read_text())["config"]
-    job = DemoDataConfig(str(data), settings["demo_patients"], settings["demo_per_class"])
-    wanted = {k: v for k, v in to_dict(job).items() if k not in ("out", "overwrite")}
-    if written != wanted:
-        raise UserError(
-            f"{data} holds demo data of another config ({written}); use another --out or delete "
-            "that folder"
-        )
-    return True
 
 
 # --- status ---------------------------------------------------------------------------------
 
 
-def read_jobs(out: Path) -> list[dict[str, Any]]:
+def read_jobs(out: Path, required: bool = True) -> list[dict[str, Any]]:
     """The jobs submitted with --out OUT, then those of its subfolders (a scenario task
-    resubmitted with `submit classify --out OUT/classify`), in submission order."""
+    resubmitted with `submit classify --out OUT/classify`), in submission order. None at all
+    is an error when `required` (a `pipeline` OUT has no jobs but its chain's outputs)."""
     paths = [p for p in [out / JOBS_FILE, *sorted(out.glob(f"*/{JOBS_FILE}"))] if p.is_file()]
+    if not paths and not required:
+        return []
     if not paths:
         raise UserError(f"{out / JOBS_FILE} not found: nothing was submitted with --out {out}")
     jobs = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
@@ -315,33 +284,24 @@ def _run(command: list[str]) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def stage_outputs(out: Path) -> dict[str, str]:
-    """Which outputs of the chain exist, read from the files themselves."""
-    from synthbreast.eval.scenarios import scenario_names
+def chain_outputs(out: Path, jobs: list[dict[str, Any]]) -> dict[str, str]:
+    """Which outputs exist, each stage asked for its own: the chain of OUT/config.json (a
+    `pipeline` or `submit all` OUT), then the stages of the jobs submitted with a config."""
+    from synthbreast.chain import STAGE_KINDS, Stage, outputs, plan
+    from synthbreast.config import PipelineConfig, load_config
 
-    found = {}
-    manifest = out / "shards" / "manifest.json"
-    found["shards"] = _status(manifest)
-    for folder in sorted((out / "synthetic").glob("class*")):
-        found[f"synthetic/{folder.name}"] = _status(folder / "manifest.json")
-    for name in scenario_names():
-        run = out / "classify" / name
-        if (run / "metrics.json").exists():
-            found[f"classify/{name}"] = "complete"
-        elif (run / "failed.json").exists():
-            error = json.loads((run / "failed.json").read_text()).get("error", "")
-            found[f"classify/{name}"] = f"failed: {error[:80]}"
-        else:
-            found[f"classify/{name}"] = "missing"
-    found["fidelity"] = "complete" if (out / "fidelity" / "fidelity.json").exists() else "missing"
-    found["report"] = "complete" if (out / "report" / "report.html").exists() else "missing"
-    return found
-
-
-def _status(manifest: Path) -> str:
-    if not manifest.exists():
-        return "missing"
-    return json.loads(manifest.read_text()).get("status", "unknown")
+    stages = []
+    if (out / "config.json").is_file():
+        try:
+            stages = plan(load_config(out / "config.json", PipelineConfig))
+        except UserError:
+            stages = []  # not a chain's folder (another job's config.json)
+    for job in jobs:
+        kind = STAGE_KINDS.get(job.get("stage") or "")
+        if kind is not None and job.get("config") and Path(job["config"]).is_file():
+            config = load_config(Path(job["config"]), kind.config_type)
+            stages.append(Stage(job["name"], kind.command, config))
+    return outputs(stages, out)
 
 
 # Slurm states of a task that ended without its result
@@ -350,31 +310,31 @@ FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
 
 def resubmit_commands(jobs: list[dict[str, Any]], states: dict[str, str]) -> list[str]:
     """`synthbreast submit classify` lines that rerun exactly the scenario tasks whose latest
-    run failed and that still have no metrics.json, with the flags they were submitted with."""
+    run failed and that still have no metrics.json, with the config they were submitted with."""
+    from synthbreast.config import ClassifyConfig, load_config
+    from synthbreast.eval.classify import METRICS
     from synthbreast.eval.scenarios import scenario_names
 
     names = scenario_names()
     latest: dict[tuple[str, int], tuple[int, str]] = {}  # (OUT, task) -> (job index, state)
+    outs: dict[int, Path] = {}
     for index, job in enumerate(jobs):
-        if not {"REAL", "SYNTHETIC", "OUT"} <= job.get("env", {}).keys():
+        if job.get("stage") != "classify" or not Path(job.get("config") or "").is_file():
             continue  # not a scenario array
+        outs[index] = Path(load_config(Path(job["config"]), ClassifyConfig).out)
         for key, state in states.items():
             parent, _, task = key.partition("_")
             if parent == job["job_id"] and task.isdigit():
-                latest[(job["env"]["OUT"], int(task))] = (index, state)
+                latest[(str(outs[index]), int(task))] = (index, state)
     failed: dict[int, list[int]] = {}
     for (out, task), (index, state) in sorted(latest.items()):
-        if state in FAILED_STATES and not (Path(out) / names[task] / "metrics.json").exists():
+        if state in FAILED_STATES and not (Path(out) / names[task] / METRICS).exists():
             failed.setdefault(index, []).append(task)
     lines = []
     for index, tasks in sorted(failed.items()):
-        job, env = jobs[index], jobs[index]["env"]
-        command = ["synthbreast", "submit", "classify", "--real", env["REAL"]]
-        for folder in env["SYNTHETIC"].split():
-            command += ["--synthetic", folder]
-        command += ["--out", env["OUT"], "--tasks", ",".join(map(str, tasks))]
-        if env.get("EXTRA"):
-            command += ["--extra", env["EXTRA"]]
+        job = jobs[index]
+        command = ["synthbreast", "submit", "classify", "--config", job["config"]]
+        command += ["--tasks", ",".join(map(str, tasks))]
         if job.get("sbatch_args"):
             command += ["--sbatch-args", shlex.join(job["sbatch_args"])]
         lines.append(shlex.join(command))

@@ -5,6 +5,7 @@ Real submissions against a local Slurm cluster are in tests/test_slurm.py.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -13,12 +14,32 @@ from typer.testing import CliRunner
 
 from synthbreast.cli import app
 from synthbreast.eval.scenarios import scenario_names
+from synthbreast.train.gan import BUDGETS
 
 
 def dry_run(*args: str) -> str:
     result = CliRunner().invoke(app, ["submit", *args, "--dry-run"])
     assert result.exit_code == 0, result.output
     return result.output
+
+
+def written_configs(script: str) -> dict[str, dict]:
+    """{path: config} of the files the dry-run script writes (quoted here-documents)."""
+    found = re.findall(r"^cat > (\S+) <<'SYNTHBREAST_CONFIG'\n(.*?)\nSYNTHBREAST_CONFIG$", script,
+                       re.M | re.S)  # fmt: skip
+    return {path: json.loads(text) for path, text in found}
+
+
+def job_configs(script: str) -> dict[str, dict]:
+    """{job name: the config its sbatch line hands over (CONFIG=FILE or --config FILE)}."""
+    files = written_configs(script)
+    found = {}
+    for line in script.splitlines():
+        name = re.search(r"--job-name=synthbreast-([\w-]+)", line)
+        path = re.search(r"(?:CONFIG=|--config )([^\s)]+)", line)
+        if name and path:
+            found[name[1]] = files[path[1]]
+    return found
 
 
 def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
@@ -32,30 +53,45 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     names = [name for _, name in jobs]
     assert names == [
         "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
-        "classify", "fidelity", "report",
+        "gate", "classify", "fidelity", "report",
     ]  # fmt: skip
     lines = {name: line for line in script.splitlines() for _, name in jobs if f"-{name} " in line}
     # each job waits for its parents, by the shell variables that hold their ids
     assert "--dependency=afterok:'\"$DEMO_DATA_JOB\"'" in lines["ingest"]
     assert "--dependency=afterok:'\"$GAN_JOB\"'" in lines["generate-class1"]
-    assert (
-        "$GENERATE_CLASS0_JOB" in lines["classify"] and "$GENERATE_CLASS1_JOB" in lines["classify"]
-    )
+    assert "$GENERATE_CLASS0_JOB" in lines["gate"] and "$GENERATE_CLASS1_JOB" in lines["gate"]
+    # the collapse gate stands between generation and classification, as in `pipeline`
+    assert "--dependency=afterok:'\"$GATE_JOB\"'" in lines["classify"]
+    assert "$GENERATE_CLASS0_JOB" not in lines["classify"]
     # fidelity needs the synthetic sets alone (it trains its own histology space), so it runs
     # beside the classifier array; the report waits for both
     assert "$GENERATE_CLASS0_JOB" in lines["fidelity"] and "$CLASSIFY_JOB" not in lines["fidelity"]
-    assert "--extractor histology" in lines["fidelity"]
-    assert "--classifier-run" not in lines["fidelity"]
     assert "--dependency=afterany:'\"$CLASSIFY_JOB\"':'\"$FIDELITY_JOB\"''" in lines["report"]
     assert f"--array=0-{len(scenario_names()) - 1}" in lines["classify"]
-    assert "EXTRA='--model msggan-cond --budget tiny'" in lines["gan"]
-    assert "CLASS=" not in lines["gan"] and "CLASS=1" in lines["generate-class1"]
-    assert "--weights none" in lines["classify"]
     assert "slurm/train_gan.sh" in lines["gan"]
+    # the settings travel as each stage's config file, not as flags for bash
+    configs = job_configs(script)
+    assert set(configs) == set(names)
+    assert "EXTRA=" not in script and all("CONFIG=" in lines[n] or "--config" in lines[n]
+                                          for n in names)  # fmt: skip
+    fidelity = configs["fidelity"]
+    assert "histology" in fidelity["extractors"] and fidelity["classifier_run"] is None
+    gan = configs["gan"]
+    assert (gan["job"], gan["model"], gan["budget"], gan["class_label"]) == (
+        "TrainGANConfig",
+        "msggan-cond",
+        "tiny",
+        None,
+    )
+    assert gan["resolution"] == BUDGETS["tiny"]["resolution"] and gan["resume"] == "auto"
+    assert configs["generate-class1"]["class_label"] == 1
+    assert configs["generate-class1"]["output_size"] == 50  # the real patch size
+    assert configs["classify"]["weights"] == "none" and configs["classify"]["task_id"] is None
     # the paper's one GAN per class, on request
     per_class = dry_run("all", "--demo", "--out", str(tmp_path / "r2"), "--budget", "tiny",
                         "--per-class-gans")  # fmt: skip
-    assert "synthbreast-gan-class1 " in per_class and "CLASS=1" in per_class
+    assert "synthbreast-gan-class1 " in per_class
+    assert job_configs(per_class)["gan-class1"]["class_label"] == 1
 
 
 def test_submit_classify_dry_run_caps_the_array_and_reruns_one_task(tmp_path):
@@ -63,7 +99,8 @@ def test_submit_classify_dry_run_caps_the_array_and_reruns_one_task(tmp_path):
     assert "--array=0-4%2" in dry_run("classify", *common, "--max-parallel", "2")
     one = dry_run("classify", *common, "--tasks", "3")
     # relative paths become absolute: the jobs and `status` must not depend on the cwd
-    assert "--array=3 " in one and f"SYNTHETIC={Path.cwd() / 's'}" in one
+    assert "--array=3 " in one
+    assert job_configs(one)["classify"]["synthetic"] == [str(Path.cwd() / "s")]
 
 
 def test_submit_report_waits_for_a_given_job(tmp_path):
@@ -81,16 +118,17 @@ def test_submit_all_again_leaves_out_the_complete_demo_data_and_ingest(tmp_path)
     stages complete at submission are left out (demo-data refuses an existing folder; a rerun
     ingest would rewrite the manifest that later results were computed from), and the later
     stages skip what is complete themselves."""
+    from synthbreast.chain import PIPELINE_BUDGETS
     from synthbreast.config import DemoDataConfig, IngestConfig
     from synthbreast.data.demo import write_demo_dataset
     from synthbreast.data.ingest import run_ingest
-    from synthbreast.pipeline import PIPELINE_BUDGETS
 
     tiny, out = PIPELINE_BUDGETS["tiny"], tmp_path / "run"
-    demo = DemoDataConfig(str(out / "data"), tiny["demo_patients"], tiny["demo_per_class"])
+    demo = DemoDataConfig(str(out / "data"), tiny.demo_patients, tiny.demo_per_class)
     write_demo_dataset(demo)
     script = dry_run("all", "--demo", "--out", str(out), "--budget", "tiny")
     assert "job-name=synthbreast-demo-data" not in script
+    assert "# demo-data: complete, not submitted" in script
     ingest = next(line for line in script.splitlines() if "synthbreast-ingest" in line)
     assert "--dependency" not in ingest
 
