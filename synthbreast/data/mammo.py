@@ -11,6 +11,7 @@ same bytes.
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -295,7 +296,9 @@ def encode(pixels: np.ndarray, side: int, channels: int) -> bytes:
 
 
 def square(cx: float, cy: float, side: int) -> tuple[int, int, int, int]:
-    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    """The side x side box centred on (cx, cy), in continuous coordinates (pixel i spans
+    i..i+1), rounded half up so that equal inputs give equal boxes."""
+    x0, y0 = math.floor(cx - side / 2 + 0.5), math.floor(cy - side / 2 + 0.5)
     return x0, y0, x0 + side, y0 + side
 
 
@@ -318,9 +321,10 @@ def lesion_geometry(
         return (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0)
     if lesion.x is None or lesion.y is None:
         return None
-    y = height - lesion.y if lesion.y_from_bottom else lesion.y
+    # a pixel index; its centre is half a pixel further (MIAS: row height - y, as `1024 - y`)
+    row = height - lesion.y if lesion.y_from_bottom else lesion.y
     radius = lesion.radius if lesion.radius else 0.0
-    return float(lesion.x), float(y), 2 * radius
+    return lesion.x + 0.5, row + 0.5, 2 * radius
 
 
 def _clear(box: tuple[int, int, int, int], zones: list[tuple[float, float, float]]) -> bool:
