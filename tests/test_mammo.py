@@ -520,3 +520,152 @@ def test_real_mias_crops_follow_info_txt(real_mias):
         number = int(meta["path"][3:6])
         assert pools.setdefault((number + 1) // 2, pool) == pool
     assert verify_shards(out, manifest) == []
+
+
+# --- the cbis-ddsm layout --------------------------------------------------------------------
+
+CBIS_HEADER = [
+    "patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
+    "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
+    "image file path", "cropped image file path", "ROI mask file path",
+]  # fmt: skip
+H, W = 200, 160
+# (patient, pathology, lesions as (x, y, r) on the one film); P_00003's film has two
+CBIS_CASES = [
+    ("P_00001", ["MALIGNANT"], [(60, 80, 14)]),
+    ("P_00002", ["BENIGN"], [(70, 120, 12)]),
+    ("P_00003", ["BENIGN_WITHOUT_CALLBACK", "MALIGNANT"], [(50, 60, 10), (80, 150, 13)]),
+    ("P_00004", ["BENIGN"], [(65, 100, 15)]),
+]
+
+
+def cbis_film(lesions, seed: int) -> np.ndarray:
+    """16-bit: breast ~20000, lesions 60000, background 0."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W]
+    image = np.zeros((H, W))
+    breast = (xx / (W * 0.85)) ** 2 + ((yy - H / 2) / (H * 0.48)) ** 2 < 1
+    image[breast] = 20000 + rng.normal(0, 800, size=breast.sum())
+    for x, y, r in lesions:
+        image[(xx - x) ** 2 + (yy - y) ** 2 < r**2] = 60000
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def disc_mask(x, y, r) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    return (((xx - x) ** 2 + (yy - y) ** 2 < r**2) * 255).astype(np.uint8)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, series: str) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = series, generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.astype(f"<u{bits // 8}").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_cbis(root: Path, layout: str) -> Path:
+    """The published CSV + DICOM layout (`dicom`: files at the CSV's paths, except P_00004's
+    film in the new TCIA folder names, found by its SeriesInstanceUID) or Kaggle's JPEG
+    export (`jpeg`: jpeg/<series>/1-N.jpg, the CSVs in csv/)."""
+    rows = []
+    for n, (patient, pathologies, lesions) in enumerate(CBIS_CASES):
+        case = f"Mass-Training_{patient}_LEFT_CC"
+        uid = f"1.3.6.1.4.1.9590.100.1.2.{n + 1}"  # no part may start with 0
+        study, series = f"{uid}1", f"{uid}2"
+        full = f"{case}/{study}/{series}/000000.dcm"
+        film_pixels = cbis_film(lesions, n)
+        if layout == "jpeg":
+            (root / "jpeg" / series).mkdir(parents=True)
+            Image.fromarray((film_pixels // 257).astype(np.uint8)).save(
+                root / "jpeg" / series / "1-1.jpg"
+            )
+        elif patient == "P_00004":
+            write_dicom(root / "CBIS-DDSM" / case / "07-20-2016-DDSM-1" / "1-full-2" / "1-1.dcm",
+                        film_pixels, series)  # fmt: skip
+        else:
+            write_dicom(root / full, film_pixels, series)
+        for i, (pathology, (x, y, r)) in enumerate(zip(pathologies, lesions, strict=True)):
+            roi_series = f"{uid}3{i}"
+            roi_case = f"{case}_{i + 1}/{study}/{roi_series}"
+            crop_pixels = film_pixels[y - r : y + r, x - r : x + r]
+            swapped = patient == "P_00002"  # the crop and mask names swapped, as in the set
+            names = ("000001.dcm", "000000.dcm") if swapped else ("000000.dcm", "000001.dcm")
+            if layout == "jpeg":
+                folder = root / "jpeg" / roi_series
+                folder.mkdir(parents=True)
+                Image.fromarray((crop_pixels // 257).astype(np.uint8)).save(folder / "1-1.jpg")
+                Image.fromarray(disc_mask(x, y, r)).save(folder / "1-2.jpg")
+            else:
+                write_dicom(root / roi_case / names[0], crop_pixels, roi_series)
+                write_dicom(root / roi_case / names[1], disc_mask(x, y, r), roi_series)
+            rows.append(
+                [patient, 3, "LEFT", "CC", i + 1, "mass", "OVAL", "CIRCUMSCRIBED", 4, pathology, 3,
+                 full, f"{roi_case}/{names[0]}\n", f"{roi_case}/{names[1]}\n"]
+            )  # fmt: skip
+    folder = root / "csv" if layout == "jpeg" else root
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "mass_case_description_train_set.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CBIS_HEADER)
+        writer.writerows(rows)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["dicom", "jpeg"])
+def test_cbis_ddsm_crops_on_the_roi_masks(layout, tmp_path):
+    if layout == "dicom":
+        pytest.importorskip("pydicom", reason="DICOM needs the dicom extra (pydicom)")
+    src = write_cbis(tmp_path / layout, layout)
+    options = {"format": "cbis-ddsm", "gan_fraction": 0.0, "test_fraction": 0.5}
+    manifest = ingest(src, tmp_path / "out", **options)
+    assert manifest["source"]["class_names"] == ["benign", "malignant"]
+    # benign-without-callback counted as benign, as the lab did
+    assert manifest["patches"]["written"]["lesion"] == {"benign": 3, "malignant": 2}
+    method = "min-max of each image to 0..255" if layout == "dicom" else "none (8-bit)"
+    assert manifest["patches"]["normalisation"] == {method: 4}
+    for _, meta, png, _ in samples(tmp_path / "out"):
+        pixels = np.asarray(Image.open(io.BytesIO(png)))
+        ys, xs = np.nonzero(pixels > 200)
+        assert abs(xs.mean() - 31.5) < 2.5 and abs(ys.mean() - 31.5) < 2.5, meta
+        assert meta["patient"] in {c[0] for c in CBIS_CASES}
+    strict = ingest(src, tmp_path / "strict", labels="benign-malignant-strict", **options)
+    assert strict["patches"]["unmapped_lesions"] == 1
+
+
+def test_cbis_ddsm_jpeg_and_dicom_give_the_same_crops(tmp_path):
+    pytest.importorskip("pydicom", reason="DICOM needs the dicom extra (pydicom)")
+    boxes = {}
+    for layout in ("dicom", "jpeg"):
+        src = write_cbis(tmp_path / layout, layout)
+        options = {"format": "cbis-ddsm", "gan_fraction": 0.0, "test_fraction": 0.5}
+        manifest = ingest(src, tmp_path / f"out-{layout}", **options)
+        boxes[layout] = sorted(p["box"] for p in manifest["patches"]["list"])
+    assert boxes["dicom"] == boxes["jpeg"]
+
+
+def test_cbis_ddsm_missing_image_is_named(tmp_path):
+    src = write_cbis(tmp_path / "k", "jpeg")
+    victim = next((src / "jpeg" / "1.3.6.1.4.1.9590.100.1.2.22").iterdir())
+    victim.unlink()
+    with pytest.raises(UserError) as err:
+        ingest(src, tmp_path / "out", format="cbis-ddsm")
+    text = str(err.value)
+    assert "\n" not in text and "missing_file" in text
+    assert "csv/mass_case_description_train_set.csv:3" in text and "--skip-bad" in text

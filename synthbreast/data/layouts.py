@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthbreast.data.mammo import HEALTHY, PATHOLOGY_WORDS, Lesion
+from synthbreast.data.mammo import BWC, HEALTHY, PATHOLOGY_WORDS, Lesion
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -556,6 +556,119 @@ def scan_csv(root: Path, patient_regex: str | None = None, table: str | None = N
     return scan
 
 
+CBIS_TABLE = re.compile(r"(mass|calc)_case_description_(train|test)_set\.csv$", re.IGNORECASE)
+CBIS_PATHOLOGY = {"MALIGNANT": "malignant", "BENIGN": "benign", "BENIGN_WITHOUT_CALLBACK": BWC}
+CBIS_COLUMNS = ("patient_id", "pathology", "image file path", "roi mask file path")
+
+
+class CbisResolver:
+    """A description CSV's DICOM path -> the file in SRC. Tried in order: the path itself
+    (under SRC or SRC/CBIS-DDSM); the Kaggle JPEG export, `jpeg/<SeriesInstanceUID>/*.jpg`,
+    the series being the path's third part (the lab's dictionaries did this by hand); a DICOM
+    of that SeriesInstanceUID anywhere under SRC (the new TCIA download's folder names)."""
+
+    def __init__(self, root: Path, files: list[str]):
+        self.root = root
+        self.files = set(files)
+        self.by_folder: dict[str, list[str]] = {}
+        for rel in files:
+            if "/" in rel and Path(rel).suffix.lower() in {".jpg", ".jpeg", ".png"}:
+                self.by_folder.setdefault(rel.split("/")[-2], []).append(rel)
+        self.dicoms = [rel for rel in files if Path(rel).suffix.lower() in {".dcm", ".dicom"}]
+        self._series: dict[str, list[str]] | None = None
+
+    def series_index(self) -> dict[str, list[str]]:
+        if self._series is None:
+            import pydicom
+
+            self._series = {}
+            for rel in self.dicoms:
+                try:
+                    header = pydicom.dcmread(self.root / rel, stop_before_pixels=True)
+                    uid = str(header.SeriesInstanceUID)
+                except Exception:  # not DICOM, or no series: not a candidate
+                    continue
+                self._series.setdefault(uid, []).append(rel)
+        return self._series
+
+    def resolve(self, text: str, whole_series: bool) -> list[str]:
+        """The files a CSV path stands for: one image, or for a ROI path every file of its
+        series (mask and crop, told apart later by size). Empty: not found."""
+        path = text.strip().strip('"').replace("\\", "/")  # the CSVs end some paths in "\n"
+        parts = path.split("/")
+        for prefix in ("", "CBIS-DDSM/"):
+            if prefix + path in self.files:
+                if not whole_series:
+                    return [prefix + path]
+                folder = (prefix + path).rsplit("/", 1)[0]
+                return sorted(f for f in self.files if f.rsplit("/", 1)[0] == folder)
+        series = parts[-2] if len(parts) >= 2 else ""
+        if series in self.by_folder:
+            return sorted(self.by_folder[series])
+        if self.dicoms:
+            try:
+                return sorted(self.series_index().get(series, []))
+            except ImportError:
+                return []
+        return []
+
+
+def scan_cbis_ddsm(root: Path, patient_regex: str | None = None) -> Scan:
+    """CBIS-DDSM: the published description CSVs (anywhere under SRC) with the images as the
+    DICOM download or as Kaggle's JPEG export. One record per full mammogram, its rows as
+    lesions located by their ROI masks; patient = patient_id (all her films and views)."""
+    if patient_regex:
+        raise ValueError("--patient-regex applies to the imagefolder format only")
+    walked = walk(root)
+    tables = [rel for rel in walked.files if CBIS_TABLE.search(rel.rsplit("/", 1)[-1])]
+    if not tables:
+        raise ValueError(
+            f"no CBIS-DDSM description CSV under {root} (mass_case_description_train_set.csv, "
+            "calc_case_description_test_set.csv, ...): point SRC at the folder holding them"
+        )
+    resolver = CbisResolver(root, walked.files)
+    scan = _new_scan(walked, mammograms=True)
+    images: dict[str, dict] = {}
+    for table in tables:
+        data = (root / table).read_bytes()
+        scan.annotations[table] = hashlib.sha256(data).hexdigest()
+        reader = csv.DictReader(data.decode("utf-8-sig", errors="replace").splitlines())
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        missing = [c for c in CBIS_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(
+                f"{root / table} has no column {', '.join(missing)}: not a CBIS-DDSM "
+                "description CSV"
+            )
+        for number, raw in enumerate(reader, 2):
+            row = {k.strip().lower(): (v or "") for k, v in raw.items() if k is not None}
+            where = f"{table}:{number}"
+            pathology = CBIS_PATHOLOGY.get(row["pathology"].strip().upper())
+            if pathology is None:
+                detail = f"pathology {row['pathology']!r}: expected {', '.join(CBIS_PATHOLOGY)}"
+                scan.problems.append(Problem(where, "bad_row", detail))
+                continue
+            full = resolver.resolve(row["image file path"], whole_series=False)
+            if len(full) != 1:
+                what = "not found" if not full else f"{len(full)} candidates"
+                detail = f"full image {row['image file path'].strip()} {what} (DICOM or jpeg/)"
+                scan.problems.append(Problem(where, "missing_file", detail))
+                continue
+            masks = resolver.resolve(row["roi mask file path"], whole_series=True)
+            if not masks:
+                detail = f"ROI mask {row['roi mask file path'].strip()} not found"
+                scan.problems.append(Problem(where, "missing_file", detail))
+                continue
+            kind = row.get("abnormality type", "").strip()
+            image = images.setdefault(full[0], {"patient": row["patient_id"].strip(), "l": []})
+            image["l"].append(Lesion(pathology, kind=kind, ref=where, masks=tuple(masks)))
+    for rel, image in sorted(images.items()):
+        scan.records.append(Record(rel, image["patient"], 0, lesions=tuple(image["l"])))
+    used = set(images) | {m for im in images.values() for les in im["l"] for m in les.masks}
+    scan.ignored += [rel for rel in walked.files if rel not in used and rel not in tables]
+    return scan
+
+
 LAYOUTS: dict[str, Layout] = {
     "idc": Layout(
         "idc",
@@ -588,5 +701,14 @@ LAYOUTS: dict[str, Layout] = {
         scan_csv,
         labels="healthy-benign-malignant",
         options=("table",),
+    ),
+    "cbis-ddsm": Layout(
+        "cbis-ddsm",
+        "CBIS-DDSM: *_case_description_*_set.csv with the DICOM download or Kaggle's jpeg/ "
+        "export (DICOM needs the dicom extra); lesions located by their ROI masks",
+        224,
+        scan_cbis_ddsm,
+        channels=1,
+        labels="benign-malignant",
     ),
 }

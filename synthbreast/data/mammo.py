@@ -54,11 +54,13 @@ class Lesion:
     kind: str = ""  # the set's abnormality class: CIRC, SPIC, CALC, mass, calcification ...
     ref: str = ""  # where it is written: "Info.txt:12"
     y_from_bottom: bool = False
-    mask: str | None = None  # a ROI mask image (CBIS-DDSM): the bbox is read from it
+    # ROI mask candidates (CBIS-DDSM): the one of the image's size is the mask (its series
+    # also holds the cropped lesion, and the two file names are swapped in some cases)
+    masks: tuple[str, ...] = ()
 
     @property
     def located(self) -> bool:
-        return self.bbox is not None or self.mask is not None or None not in (self.x, self.y)
+        return self.bbox is not None or bool(self.masks) or None not in (self.x, self.y)
 
 
 # --- label mappings and context rules, chosen by name -----------------------------------
@@ -302,16 +304,26 @@ def square(cx: float, cy: float, side: int) -> tuple[int, int, int, int]:
     return x0, y0, x0 + side, y0 + side
 
 
+def mask_box(root: Path, masks: tuple[str, ...], shape: tuple[int, int]):
+    """The bounding box of the ROI mask among `masks` that has the image's shape."""
+    sizes = []
+    for rel in masks:
+        pixels, _ = read_grey(root / rel)
+        if pixels.shape == shape:
+            ys, xs = np.nonzero(pixels > pixels.max() / 2)
+            if not len(xs):
+                raise ValueError(f"{rel} is an empty mask")
+            return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        sizes.append(f"{rel} {pixels.shape[1]}x{pixels.shape[0]}")
+    raise ValueError(f"no ROI mask of the image's size {shape[1]}x{shape[0]} ({'; '.join(sizes)})")
+
+
 def lesion_geometry(
-    lesion: Lesion, height: int, root: Path | None = None
+    lesion: Lesion, shape: tuple[int, int], root: Path | None = None
 ) -> tuple[float, float, float] | None:
     """(centre x, centre y from the top, box side) of a located lesion, else None."""
-    if lesion.mask is not None and root is not None:
-        mask_pixels, _ = read_grey(root / lesion.mask)
-        ys, xs = np.nonzero(mask_pixels > mask_pixels.max() / 2)
-        if not len(xs):
-            return None
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    if lesion.masks and root is not None:
+        box = mask_box(root, lesion.masks, shape)
     elif lesion.bbox is not None:
         box = lesion.bbox
     else:
@@ -322,7 +334,7 @@ def lesion_geometry(
     if lesion.x is None or lesion.y is None:
         return None
     # a pixel index; its centre is half a pixel further (MIAS: row height - y, as `1024 - y`)
-    row = height - lesion.y if lesion.y_from_bottom else lesion.y
+    row = shape[0] - lesion.y if lesion.y_from_bottom else lesion.y
     radius = lesion.radius if lesion.radius else 0.0
     return lesion.x + 0.5, row + 0.5, 2 * radius
 
@@ -379,10 +391,10 @@ def extract(
     zones = []  # (x, y, radius) that healthy crops keep out of
     for i, lesion in enumerate(lesions):
         try:
-            geometry = lesion_geometry(lesion, result.height, root)
-        except (OSError, ValueError, MissingDependency) as err:
+            geometry = lesion_geometry(lesion, image.shape, root)
+        except (OSError, ValueError, SyntaxError, MissingDependency) as err:
             result.reason = "bad_mask"
-            result.detail = f"ROI mask {lesion.mask}: {str(err)[:150]}"
+            result.detail = f"ROI mask of {lesion.ref}: {str(err)[:200]}"
             return result
         if geometry is None:
             result.unlocated.append(lesion.ref)
@@ -416,8 +428,8 @@ def extract(
         rng = random.Random(f"healthy-{spec.seed}-{rel}")
         taken: list[tuple[int, int, int, int]] = []
         for n in range(spec.healthy_per_image):
-            if spec.context == "bbox" and spec.healthy_sides:
-                sides = [rng.choice(spec.healthy_sides)]
+            if spec.context == "bbox":  # the lesions' sides; native pixels when none is known
+                sides = [rng.choice(spec.healthy_sides) if spec.healthy_sides else spec.side]
             else:
                 sides = context.sides(0, spec)
             found = None
