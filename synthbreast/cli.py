@@ -83,8 +83,6 @@ def job_config(ctx: typer.Context, config_file, built, required=(), aliases=None
     """The job's config: `built` from the options alone, or the --config file's with every
     option given on the command line laid over it. `required`: parameters needed without a
     file; `aliases`: parameter -> field where the names differ; `refused`: not with a file."""
-    from click.core import ParameterSource
-
     from synthbreast.config import load_config
 
     if config_file is None:
@@ -92,8 +90,9 @@ def job_config(ctx: typer.Context, config_file, built, required=(), aliases=None
         if missing:
             raise UserError(f"give {' and '.join(missing)}, or the whole job as --config FILE")
         return built
-    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    given = [p for p in ctx.params if ctx.get_parameter_source(p) in sources]
+    # by name: typer may bring its own copy of click's ParameterSource
+    sources = ("COMMANDLINE", "ENVIRONMENT")
+    given = [p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in sources]
     for name in refused:
         if name in given:
             flag = "--" + name.replace("_", "-")
@@ -163,6 +162,7 @@ def demo_data(
         bool, typer.Option(help="Replace an existing demo dataset at OUT.")
     ] = False,
     config_file: ConfigFile = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Write the embedded demo dataset: procedural H&E-like patches in the Kaggle IDC layout.
 
@@ -173,6 +173,9 @@ def demo_data(
 
     config = DemoDataConfig(str(out), patients, per_class, seed, overwrite=overwrite)
     config = job_config(ctx, config_file, config, required=["out"])
+    if dry_run:
+        print(dumps(config))
+        return
     total = config.patients * config.per_class * 2
     with progress_bar() as progress:
         task = progress.add_task("demo patches", total=total)
@@ -321,7 +324,10 @@ def ingest(
     if dry_run:
         print(dumps(checked(config)))
         return
-    with progress_bar() as progress:
+    from synthbreast.fileio import out_of_space_or_unwritable
+
+    then = "rerun the same command with --resume (the shards written are kept)"
+    with progress_bar() as progress, out_of_space_or_unwritable(config.out, then):
         manifest = run_ingest(config, progress)
     table = Table(title=f"{config.out}: {len(manifest['shards'])} shards")
     class_names = manifest["source"]["class_names"]
@@ -771,13 +777,15 @@ def _pipeline_config_type():
 
 
 def _chain_config(**options):
-    """A PipelineConfig from the shared options (enums to their values, paths to strings)."""
-    config = _pipeline_config_type()(out=str(options.pop("out")))
+    """A PipelineConfig from the shared options (enums to their values, paths absolute: the
+    stages' configs must not depend on the folder the chain was started from)."""
+    out = options.pop("out")
+    config = _pipeline_config_type()(out=str(out.absolute()) if out else "")
     for name, value in options.items():
         if isinstance(value, Enum):
             value = value.value
         elif isinstance(value, Path):
-            value = str(value)
+            value = str(value.absolute())
         setattr(config, name, value)
     return config
 
@@ -995,15 +1003,14 @@ def submit_all(
     from synthbreast.submit import plan_jobs
 
     config = job_config(ctx, config_file, _chain_config(**_chain_options(locals())), ["out"])
-    config.out = str(Path(config.out).absolute())
-    if config.data:
-        config.data = str(Path(config.data).absolute())
     stages = plan(config)
     backbone_spec(pipeline_budget(config).backbone)  # a typo fails now, not hours later
     root = Path(config.out)
     jobs, notes = plan_jobs(stages, root, max_parallel)
-    if jobs:  # the chain's config, for `status` (and `submit all --config OUT/config.json`)
-        jobs[0].files[str(root / "config.json")] = config_text(config)
+    saved, text = root / "config.json", config_text(config)
+    if jobs and not (saved.is_file() and saved.read_text(encoding="utf-8") == text):
+        # the chain's config, for `status` (and `submit all --config OUT/config.json`)
+        jobs[0].files[str(saved)] = text
     _submit(jobs, root, sbatch_args, dry_run, notes)
 
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from synthbreast.cli import app
 from synthbreast.eval.scenarios import scenario_names
 
+# synthbreast/chain.py's stages, the jobs of `submit all` (tests/test_submit.py)
 STAGES = [
-    "data", "ingest", "train-gan", "generate", "collapse gate", "classify", "fidelity", "report",
+    "demo-data", "ingest", "gan", "generate-class0", "generate-class1", "gate", "classify",
+    "fidelity", "report",
 ]  # fmt: skip
 
 
@@ -54,7 +59,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
         for c in (0, 1)
     }
     assert len(sources) == 1 and "msggan-cond" in sources.pop()
-    gate = next(s for s in record["stages"] if s["stage"] == "collapse gate")["status"]
+    gate = next(s for s in record["stages"] if s["stage"] == "gate")["status"]
     assert gate == "passed" or gate.startswith("collapsed, going on")
     assert ("GENERATOR COLLAPSED" in text) == (gate != "passed")
 
@@ -63,8 +68,31 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     again = run_pipeline(out, "--keep-going")
     assert again.returncode == 0, again.stderr[-3000:]
     stages = {s["stage"]: s for s in json.loads((out / "pipeline.json").read_text())["stages"]}
-    assert stages["data"]["status"] == stages["ingest"]["status"] == "skipped (complete)"
+    assert stages["demo-data"]["status"] == stages["ingest"]["status"] == "skipped (complete)"
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # `submit all` with the same options plans the same stages with the same configs: the
+    # complete ones are left out (named in the script), every other job reads the very config
+    # file the pipeline wrote (an identical file is reused, never rewritten)
+    script = CliRunner().invoke(
+        app, ["submit", "all", "--demo", "--budget", "tiny", "--out", str(out), "--keep-going",
+              "--dry-run"],
+    )  # fmt: skip
+    assert script.exit_code == 0, script.output
+    left_out = re.findall(r"^# ([\w-]+): complete, not submitted$", script.output, re.M)
+    submitted = {}
+    for line in script.output.splitlines():
+        name = re.search(r"--job-name=synthbreast-([\w-]+)", line)
+        path = re.search(r"(?:CONFIG=|--config )([^\s)]+)", line)
+        if name:
+            submitted[name[1]] = path[1]
+    assert left_out == ["demo-data", "ingest"]
+    assert left_out + list(submitted) == STAGES
+    ran = {
+        s["stage"]: s["config"] for s in json.loads((out / "pipeline.json").read_text())["stages"]
+    }
+    assert submitted == {name: ran[name] for name in submitted}
+    assert "cat > " not in script.output  # nothing to write: the files are the pipeline's
 
 
 def test_pipeline_needs_demo_or_data(tmp_path):
