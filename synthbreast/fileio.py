@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from synthbreast.errors import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,11 +34,15 @@ def temp_name(path: Path) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written file left taking space
+        raise
     fsync_dir(path.parent)
 
 
@@ -52,3 +61,32 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Write failures a user can fix (space, permissions, a read-only mount), as the one-line error
+# `out_of_space_or_unwritable` turns them into; any other OSError stays a traceback (a bug).
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextmanager
+def out_of_space_or_unwritable(where: str | Path, then: str) -> Iterator[None]:
+    """Turn a disk-full or unwritable-folder OSError into a UserError: what happened, where
+    (the file when the error names one, else `where`) and `then` (how to resume). Every write
+    is atomic, so nothing written before is lost."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        name = errno.errorcode[err.errno]
+        raise UserError(
+            f"{err.filename or where}: {WRITE_ERRORS[err.errno]} ({name}); nothing written "
+            f"before is lost: free space or make it writable (or choose another output folder), "
+            f"then {then}"
+        ) from None

@@ -64,7 +64,13 @@ from synthbreast.eval.scenarios import (
     resolve_scenario,
     scenario_names,
 )
-from synthbreast.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from synthbreast.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    out_of_space_or_unwritable,
+    read_json,
+    sha256_file,
+)
 from synthbreast.models.classifier import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -527,7 +533,14 @@ def data_record(plan: DataPlan, samples: Samples) -> dict[str, Any]:
 
 
 def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) -> Path:
-    """Run one scenario into OUT/<scenario>/; returns that folder (skipped when complete)."""
+    """Run one scenario into OUT/<scenario>/; returns that folder (skipped when complete).
+    A full disk or an unwritable OUT is a one-line UserError saying how to go on."""
+    then = "rerun the same classify command (finished scenarios and cached features are kept)"
+    with out_of_space_or_unwritable(config.out, then):
+        return _run_classify(config, progress, log)
+
+
+def _run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) -> Path:
     validate(config)
     scenario, task_id = resolve_scenario(config.scenario, config.task_id)
     # name and index both recorded, so --task-id 0 and --scenario real-real are the same job
@@ -563,17 +576,19 @@ def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) 
 
 
 def write_failed(run_dir: Path, scenario: str, task_id: int, err: Exception) -> None:
-    """failed.json: why this scenario stopped (status and the report read it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        run_dir / FAILED,
-        {
-            "scenario": scenario,
-            "task_id": task_id,
-            "error": f"{type(err).__name__}: {err}",
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
+    """failed.json: why this scenario stopped (status and the report read it). Best effort: on
+    a full disk or a read-only OUT the note cannot be written, and the error itself is raised."""
+    note = {
+        "scenario": scenario,
+        "task_id": task_id,
+        "error": f"{type(err).__name__}: {err}",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / FAILED, note)
+    except OSError:
+        pass
 
 
 def _run(

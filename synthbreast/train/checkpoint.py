@@ -11,11 +11,8 @@ in the JSON skeleton by {"__tensor__": "<name>"} and stored under that name.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from synthbreast.errors import UserError
+from synthbreast.fileio import WRITE_ERRORS as WRITE_ERRORS  # re-exported: moved to fileio
 from synthbreast.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, temp_name
+from synthbreast.fileio import out_of_space_or_unwritable as out_of_space_or_unwritable
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d{9})\.json$")
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
-
-# Write failures a user can fix (space, permissions, a read-only mount), as the one-line error
-# `out_of_space_or_unwritable` turns them into; any other OSError stays a traceback (a bug).
-WRITE_ERRORS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
-
-
-@contextmanager
-def out_of_space_or_unwritable(where: str | Path, then: str) -> Iterator[None]:
-    """Turn a disk-full or unwritable-folder OSError into a UserError: what happened, where
-    (the file when the error names one, else `where`) and `then` (how to resume). Every write
-    is atomic, so nothing written before is lost."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in WRITE_ERRORS:
-            raise
-        name = errno.errorcode[err.errno]
-        raise UserError(
-            f"{err.filename or where}: {WRITE_ERRORS[err.errno]} ({name}); nothing written "
-            f"before is lost: free space or make it writable (or choose another output folder), "
-            f"then {then}"
-        ) from None
 
 
 def pid_alive(pid: int) -> bool:
