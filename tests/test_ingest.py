@@ -182,3 +182,22 @@ def test_config_json_is_written_beside_the_shards(demo_shards):
     config = json.loads((demo_shards / "config.json").read_text())
     assert config["job"] == "IngestConfig"
     assert config["format"] == "idc" and config["patch_size"] == 50
+
+
+def test_channels_follow_the_data_or_the_option(demo_dir, demo_shards, tmp_path):
+    """RGB IDC stays 3-channel; --channels 1 stores grey PNGs that the reader gives as [1, H, W];
+    old folders without the field read as 3 channels."""
+    import io
+
+    from PIL import Image
+
+    from synthbreast.data.reader import shard_dataset
+
+    assert load_manifest(demo_shards)["sample"]["channels"] == 3
+    assert next(iter(shard_dataset(demo_shards, "gan")))["image"].shape[0] == 3
+    manifest = ingest(demo_dir, tmp_path / "grey", channels=1, min_shards=1)
+    assert manifest["sample"]["channels"] == 1
+    _, meta, png, _ = read_all(tmp_path / "grey")[0]
+    assert Image.open(io.BytesIO(png)).mode == "L" and meta["converted_from"] == "RGB"
+    assert tuple(next(iter(shard_dataset(tmp_path / "grey", "gan")))["image"].shape) == (1, 50, 50)
+    assert json.loads((tmp_path / "grey" / "config.json").read_text())["channels"] == 1

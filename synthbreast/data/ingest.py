@@ -140,9 +140,10 @@ class Cut:
     healthy_short: int  # healthy patches asked for but not found clear of lesions
     off_breast: list[str]  # lesions whose centre is outside the breast mask (cut all the same)
     normalisation: dict[str, int]  # how pixel values became 8 bits: images per method
+    labels: str = ""  # the label map used
 
 
-def patch_spec(config: IngestConfig, scan: Scan) -> PatchSpec:
+def patch_spec(config: IngestConfig, scan: Scan, labels: str, channels: int) -> PatchSpec:
     """The cutting settings for the worker processes; healthy crops in the bbox context take
     the sides the lesion crops have (drawn from them), so side alone tells no class."""
     context = CONTEXTS[config.context]
@@ -154,8 +155,8 @@ def patch_spec(config: IngestConfig, scan: Scan) -> PatchSpec:
         healthy_per_image=config.healthy_per_image,
         healthy_gap=config.healthy_gap,
         min_tissue=config.min_tissue,
-        label_map=config.labels,
-        channels=config.channels or 1,
+        label_map=labels,
+        channels=channels,
         seed=config.seed,
     )
     sides = []
@@ -174,9 +175,11 @@ def _cut_one(args: tuple) -> Extracted:
     return extract(Path(root), rel, key, lesions, spec)
 
 
-def cut_patches(src: Path, scan: Scan, config: IngestConfig, progress=None) -> Cut:
+def cut_patches(
+    src: Path, scan: Scan, config: IngestConfig, labels: str, channels: int, progress=None
+) -> Cut:
     """Decode every mammogram and cut its patches, in `workers` processes."""
-    spec = patch_spec(config, scan)
+    spec = patch_spec(config, scan, labels, channels)
     keys = sample_keys(scan.records)
     jobs = [(str(src), r.path, keys[r.path], r.lesions, spec) for r in scan.records]
     task = progress.add_task("cutting patches", total=len(jobs)) if progress else None
@@ -193,7 +196,7 @@ def cut_patches(src: Path, scan: Scan, config: IngestConfig, progress=None) -> C
             results.append(_cut_one(job))
             if progress:
                 progress.advance(task)
-    cut = Cut([], [], {}, [], 0, 0, [], {})
+    cut = Cut([], [], {}, [], 0, 0, [], {}, labels)
     for record, result in zip(scan.records, results, strict=True):
         cut.checked.append(
             Checked(record, result.width, result.height, result.reason, result.detail, "L")
@@ -263,7 +266,7 @@ def patch_summary(cut: Cut, scan: Scan, config: IngestConfig, plan: list) -> dic
     return {
         "side": config.patch_size,
         "context": config.context,
-        "labels": config.labels,
+        "labels": cut.labels,
         "cut": {kind: dict(sorted(c.items())) for kind, c in cut_counts.items()},
         "written": {kind: dict(sorted(c.items())) for kind, c in written.items()},
         "unlocated_lesions": cut.unlocated,
@@ -692,10 +695,11 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
     if scan.mammograms:
         # Whole mammograms: cut lesion and healthy patches (data/mammo.py).
         config.patch_size = config.patch_size or MAMMO_PATCH
-        config.labels = config.labels or layout.labels
-        config.channels = config.channels or 1
-        scan.class_names = list(LABEL_MAPS[config.labels].class_names)
-        cut = cut_patches(src, scan, config, progress)
+        # labels and channels filled in here, not in the config: the rerun is the same command
+        labels = config.labels or layout.labels
+        channels = config.channels or 1
+        scan.class_names = list(LABEL_MAPS[labels].class_names)
+        cut = cut_patches(src, scan, config, labels, channels, progress)
         checked = cut.checked
     else:
         if config.labels is not None:
@@ -723,8 +727,8 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
     if cut is not None:
         side = config.patch_size
         usable = [Checked(r, side, side, None, "", "L") for r in cut.records]
-    elif config.channels is None:
-        config.channels = layout.channels or channels_from(usable)
+    else:
+        channels = config.channels or layout.channels or channels_from(usable)
     for label, name in enumerate(scan.class_names):
         if not any(c.record.label == label for c in usable):
             raise UserError(
@@ -800,7 +804,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         "sample": {
             "keys": ["__key__", "png", "cls", "json"],
             "image_size": config.patch_size,
-            "channels": config.channels,
+            "channels": channels,
         },
         "pools": pools,
         "shards": [],
@@ -869,7 +873,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
                     pool,
                     config.patch_size,
                     demo,
-                    config.channels,
+                    channels,
                 )
                 for r in shard_records
             )
