@@ -173,7 +173,6 @@ def real_classes_and_size(config: PipelineConfig) -> tuple[list[str], int | None
 
 def plan(config: PipelineConfig) -> list[Stage]:
     """Every stage of the chain for `config`, in an order that runs each after its parents."""
-    from synthbreast.data.shards import MANIFEST
     from synthbreast.eval.scenarios import scenario_names
     from synthbreast.train.gan import apply_budget
 
@@ -195,7 +194,9 @@ def plan(config: PipelineConfig) -> list[Stage]:
     ingest = IngestConfig(
         src=str(where["data"]), out=str(where["shards"]), format=config.format,
         small_patches=config.small_patches, skip_bad=config.skip_bad, seed=config.seed,
-        workers=config.workers, resume=(where["shards"] / MANIFEST).is_file(),
+        # resume: a fresh OUT starts new, an interrupted one continues (a complete one is
+        # left out): one config whatever the folder holds, so a rerun's file is the same
+        workers=config.workers, resume=True,
     )  # fmt: skip
     stages.append(Stage("ingest", "ingest", ingest, after=ingest_after))
 

@@ -28,15 +28,16 @@ from synthbreast.eval.scenarios import scenario_names
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CPU_ONLY = "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G"
+# the stages of synthbreast/chain.py, as `pipeline` runs them (tests/test_pipeline.py)
 CHAIN = [
     "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
-    "classify", "fidelity", "report",
+    "gate", "classify", "fidelity", "report",
 ]  # fmt: skip
 # each job's parents, by name
 PARENTS = {
     "demo-data": [], "ingest": ["demo-data"], "gan": ["ingest"],
-    "generate-class0": ["gan"],
-    "generate-class1": ["gan"], "classify": ["generate-class0", "generate-class1"],
+    "generate-class0": ["gan"], "generate-class1": ["gan"],
+    "gate": ["generate-class0", "generate-class1"], "classify": ["gate"],
     "fidelity": ["generate-class0", "generate-class1"], "report": ["classify", "fidelity"],
 }  # fmt: skip
 CHAIN_TIMEOUT = 600  # seconds for the whole tiny chain (about 3 minutes on 2 busy cores)
@@ -96,11 +97,13 @@ class Chain:
 
 @pytest.fixture(scope="module")
 def chain(slurm_cluster, tmp_path_factory) -> Chain:
-    """`synthbreast submit all --demo --budget tiny` into a fresh OUT, waited for to the end."""
+    """`synthbreast submit all --demo --budget tiny` into a fresh OUT, waited for to the end.
+    OUT has a space and quotes in its name: every job gets its settings as a config file, and
+    slurm/*.sh pass each path as one argument, never through a shell's parsing."""
     cluster = slurm_cluster
-    out = tmp_path_factory.mktemp("chain") / "run"
+    out = tmp_path_factory.mktemp("chain") / "run 'it's'"
     started = time.monotonic()
-    args = ["submit", "all", "--demo", "--out", str(out), "--budget", "tiny"]
+    args = ["submit", "all", "--demo", "--out", str(out), "--budget", "tiny", "--keep-going"]
     ok(synthbreast(cluster, *args, "--sbatch-args", CPU_ONLY))
     jobs = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
     deadline = started + CHAIN_TIMEOUT
@@ -164,10 +167,19 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
         tasks = array_tasks(job["array"]) if job["array"] else []
         keys = [f"{job['job_id']}_{t}" for t in tasks] or [job["job_id"]]
         assert ", ".join(f"{k}:COMPLETED" for k in keys) in shown, (job["name"], shown)
-    outputs = ["shards", "synthetic/class0", "synthetic/class1", "fidelity", "report"]
+    outputs = ["data", "shards", "gan/all", "synthetic/class0", "synthetic/class1", "fidelity",
+               "report"]  # fmt: skip
     for name in outputs + [f"classify/{s}" for s in scenario_names()]:
         assert re.search(rf"│ {re.escape(name)} +│ complete +│", shown), (name, shown)
+    # the gate passed the sets on (a tiny GAN may collapse: --keep-going, as the pipeline test)
+    assert re.search(r"│ synthetic/gate +│ (passed|collapsed, going on)", shown), shown
     assert "FAILED" not in shown and "rerun" not in shown
+    # every job ran `synthbreast <command> --config FILE`, FILE the stage's config
+    for job in chain.jobs:
+        config = json.loads(Path(job["config"]).read_text())
+        assert Path(job["config"]).parent == out / "configs", job
+        assert job["stage"] in job["command"] or job["env"] == {"CONFIG": job["config"]}, job
+        assert str(out) in json.dumps(config), job
 
 
 def test_a_failed_scenario_task_is_reported_then_rerun_alone(chain, slurm_cluster, tmp_path):
@@ -205,10 +217,11 @@ def test_a_failed_scenario_task_is_reported_then_rerun_alone(chain, slurm_cluste
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
 
-    # the scenario array with the chain's classify flags, and the report after it
+    # the scenario array with the chain's classify config (its folders overridden), and the
+    # report after it
     (classify_job,) = [job for job in chain.jobs if job["name"] == "classify"]
     common = ["--real", str(run / "shards"), "--synthetic", str(run / "synthetic")]
-    common += ["--out", str(run / "classify"), "--extra", classify_job["env"]["EXTRA"]]
+    common += ["--out", str(run / "classify"), "--config", classify_job["config"]]
     submitted = ok(synthbreast(cluster, "submit", "classify", *common, "--sbatch-args", CPU_ONLY))
     array = submitted_id(submitted, "classify")
     report = ["submit", "report", "--runs", str(run), "--out", str(run / "report")]
