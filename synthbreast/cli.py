@@ -1461,5 +1461,153 @@ def fidelity(
         console.print(f"skipped {name}: {reason}", highlight=False, soft_wrap=True)
 
 
+# --- SinGAN: one model per image (synthbreast/train/singan.py, generate_singan.py) -----------
+
+SinganBudget = Enum("SinganBudget", {"tiny": "tiny", "small": "small", "paper": "paper"}, type=str)
+
+
+@app.command("train-singan")
+@user_errors
+def train_singan(
+    ctx: typer.Context,
+    shards: Annotated[
+        _Opt[Path], typer.Argument(help="A folder written by `synthbreast ingest`.")
+    ] = None,
+    class_label: Annotated[
+        _Opt[int], typer.Option("--class", help="The class whose images get a model each.")
+    ] = None,
+    images: Annotated[_Opt[int], typer.Option(help="Models: one per selected image [4].")] = None,
+    outdir: Annotated[
+        _Opt[Path], typer.Option(help="selection.json, config.json and models/ [singan].")
+    ] = None,
+    pool: Annotated[_Opt[str], typer.Option(help="Pool the images come from [gan].")] = None,
+    budget: Annotated[
+        _Opt[SinganBudget],
+        typer.Option(help="tiny (tests, seconds), small (CPU, 128 px), paper (250 px, GPU)."),
+    ] = None,
+    seed: Annotated[
+        _Opt[int], typer.Option(help="Seed of the image choice, weights and noise [0].")
+    ] = None,
+    task_id: Annotated[
+        _Opt[int],
+        typer.Option(help="Train model K of the selection alone, here (a Slurm array task)."),
+    ] = None,
+    iterations: Annotated[_Opt[int], typer.Option(help="Iterations per scale.")] = None,
+    max_size: Annotated[_Opt[int], typer.Option(help="Longer side of the finest scale.")] = None,
+    min_size: Annotated[_Opt[int], typer.Option(help="Shorter side of the coarsest scale.")] = None,
+    device: Annotated[_Opt[str], typer.Option(help="auto, cpu, cuda or cuda:N [auto].")] = None,
+    threads: Annotated[_Opt[int], typer.Option(help="CPU threads per model [1].")] = None,
+    config_file: ConfigFile = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Train one SinGAN per image: --images images of --class, a seeded choice from the pool.
+
+    Each model is trained in a process of its own, in turn; a complete model is skipped and a
+    stopped one resumes at the scale and iteration it reached, so rerunning the command
+    finishes the job. On Slurm: slurm/train_singan.sh, one array task per image (--task-id).
+    """
+    from synthbreast.config import TrainSinGANConfig
+    from synthbreast.train.singan import (
+        STOPPED,
+        TrainingStopped,
+        apply_budget,
+        train_one_model,
+        validate,
+    )
+    from synthbreast.train.singan import train_singan as run
+
+    config = TrainSinGANConfig(shards=str(shards))
+    config = apply_budget(config, SinganBudget(budget).value if budget else None)
+    given = dict(
+        class_label=class_label, images=images, outdir=outdir and str(outdir), pool=pool,
+        seed=seed, task_id=task_id, iterations=iterations, max_size=max_size,
+        min_size=min_size, device=device, threads=threads,
+    )  # fmt: skip
+    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    config = job_config(ctx, config_file, config, required=["shards"], refused=["budget"])
+    validate(config)
+    if dry_run:
+        print(dumps(config))
+        return
+    try:
+        if config.task_id is not None:
+            with progress_bar(unit="it") as progress:
+                model_dir = train_one_model(config, progress)
+            console.print(f"done: {model_dir}", highlight=False)
+            return
+        result = run(config)
+    except TrainingStopped as stopped:
+        raise typer.Exit(STOPPED) from stopped
+    console.print(
+        f"{len(result['trained'])} models trained, {len(result['skipped'])} already complete "
+        f"-> {result['outdir']}",
+        highlight=False,
+    )
+    if result["failed"]:
+        failed = ", ".join(map(str, result["failed"]))
+        raise UserError(
+            f"models {failed} failed (their errors are above); the others are intact: rerun "
+            f"the same command to train those alone"
+        )
+
+
+@app.command("generate-singan")
+@user_errors
+def generate_singan(
+    ctx: typer.Context,
+    models: Annotated[
+        _Opt[Path], typer.Argument(help="A `synthbreast train-singan` --outdir.")
+    ] = None,
+    out: Annotated[_Opt[Path], typer.Option(help="Folder for the synthetic shards.")] = None,
+    num_models: Annotated[
+        _Opt[int], typer.Option(help="Use the first K models of the selection [all].")
+    ] = None,
+    shards: Annotated[int, typer.Option(help="Total shards of the whole job.")] = 4,
+    per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 250,
+    inject_scale: Annotated[
+        int,
+        typer.Option(help="0: new layouts; K: the source's layout below scale K, new detail."),
+    ] = 0,
+    output_size: Annotated[
+        _Opt[int], typer.Option(help="Side of the images [the real patch size].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; shard i's from (seed, class, i).")] = 0,
+    shard_range: Annotated[
+        _Opt[str], typer.Option(help="START:END (end exclusive) to make only those shards.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per generator call.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu, auto, cuda or cuda:N.")] = "cpu",
+    config_file: ConfigFile = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
+) -> None:
+    """Synthetic shards (the real schema) from the SinGAN models of a train-singan folder.
+
+    Every model gives the same share of the images; each sample's json names its model and
+    source image. Shards split over Slurm array tasks or --shard-range as `generate` does.
+    """
+    from synthbreast.config import GenerateSinGANConfig
+    from synthbreast.generate_singan import run_generate_singan, validate
+
+    config = GenerateSinGANConfig(
+        models=str(models), out=str(out), num_models=num_models, shards=shards,
+        per_shard=per_shard, inject_scale=inject_scale, output_size=output_size, seed=seed,
+        shard_range=shard_range, batch_size=batch_size, device=device,
+    )  # fmt: skip
+    config = job_config(ctx, config_file, config, required=["models", "out"])
+    validate(config)
+    if dry_run:
+        print(dumps(config))
+        return
+    with progress_bar() as progress:
+        summary = run_generate_singan(config, progress)
+    console.print(
+        f"{summary['made']} shards made, {summary['skipped']} already complete, from "
+        f"{summary.get('models', 0)} models -> {config.out}",
+        highlight=False,
+    )
+
+
+# --- end of the SinGAN commands
+
 if __name__ == "__main__":
     app()

@@ -345,3 +345,60 @@ class FidelityConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:1 ...
     seed: int = 0  # KID subsets, plot subsamples
     force: bool = False  # redo when OUT/fidelity.json exists
+
+
+@dataclass
+class TrainSinGANConfig:
+    """`synthbreast train-singan`: one SinGAN per image, for `images` images of class
+    `class_label` in a pool (a seeded choice, OUTDIR/selection.json), each in OUTDIR/models/.
+    The defaults are the paper's (250 px longer side, 2,000 iterations per scale); budgets in
+    synthbreast/train/singan.py. `task_id`: that model alone (a Slurm array task)."""
+
+    shards: str
+    outdir: str = "singan"
+    pool: str = "gan"
+    class_label: int | None = None  # required: the class whose images get a model each
+    images: int = 4  # models, one per selected image
+    seed: int = 0  # the choice of images, initial weights and every noise draw
+    task_id: int | None = None  # train model K of the selection only; None: all, in turn
+    model: str = "singan"  # synthbreast/models/registry.py MODELS (trainer "singan")
+    max_size: int = 250  # the image is shrunk so its longer side is at most this
+    min_size: int = 25  # the coarsest scale's shorter side
+    scale_factor_init: float = 0.75  # the number of scales from it; then made exact
+    nfc: int = 32  # channels of the coarsest scales; doubled every 4 scales
+    max_nfc: int = 128
+    layers: int = 5  # conv blocks per generator and discriminator
+    iterations: int = 2000  # per scale
+    d_steps: int = 3  # critic steps per iteration
+    g_steps: int = 3  # generator steps per iteration
+    lr: float = 5e-4  # Adam (betas 0.5, 0.999), G and D
+    lr_drop: float = 0.8  # the rate x0.1 after this share of a scale's iterations
+    rec_weight: float = 10.0  # the reconstruction loss's weight (the paper's alpha)
+    gp_weight: float = 0.1  # WGAN-GP's weight (the official code's lambda_grad)
+    noise_amp_init: float = 0.1  # noise amplitude = this x RMSE of the coarser reconstruction
+    checkpoint_every: int = 250  # iterations between mid-scale checkpoints
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:1 ...
+    # CPU threads per model: one image's small convs ran 20x slower on 2 threads than on 1 on
+    # the loaded 2-core dev box (bench/singan_speed.py); None: torch's default
+    threads: int | None = 1
+    budget: str | None = None  # tiny | small | paper: the preset this config came from
+
+
+@dataclass
+class GenerateSinGANConfig:
+    """`synthbreast generate-singan`: the models of a train-singan OUTDIR -> synthetic shards
+    in the real schema. Sample i of shard s comes from model (s * per_shard + i) mod models,
+    so every model gives the same share; shard s's noise comes from (seed, class, s) alone."""
+
+    models: str  # a train-singan --outdir (its selection.json and models/)
+    out: str
+    num_models: int | None = None  # the first K models of the selection; None: all
+    shards: int = 4
+    per_shard: int = 250
+    inject_scale: int = 0  # 0: new layouts from scale 0; k: the source's layout below scale k
+    output_size: int | None = None  # None: the real patch size (the source images' side)
+    seed: int = 0
+    shard_range: str | None = None  # "START:END", end exclusive; None = all (or Slurm's task)
+    batch_size: int = 16
+    device: str = "cpu"  # cpu | auto | cuda...: a GPU gives other bits than the CPU
+    threads: int | None = 1  # CPU threads (see TrainSinGANConfig.threads)

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from synthbreast.errors import UserError
-from synthbreast.models import msggan
+from synthbreast.models import msggan, singan
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,20 @@ class GANSpec:
     discriminator: Callable[[Any], nn.Module]
     real_input: Callable[[Tensor, Any], Any]  # full-size reals -> what D reads
     conditional: bool  # one model for all classes, labels in G and D
+    # which command trains it (TRAINERS): MSG-GANs share train/gan.py's loop; SinGAN learns one
+    # image scale by scale (train/singan.py), so `train-gan --model singan` is refused
+    trainer: str = "gan"
 
 
 def _pyramid(images: Tensor, config: msggan.MSGGANConfig) -> list[Tensor]:
     return msggan.image_pyramid(images, config.scales())
+
+
+def _singan_pyramid(image: Tensor, config: singan.SinGANConfig) -> list[Tensor]:
+    return singan.image_pyramid(image, config.sizes)
+
+
+TRAINERS = {"gan": "synthbreast train-gan", "singan": "synthbreast train-singan"}
 
 
 MODELS: dict[str, GANSpec] = {
@@ -61,6 +71,17 @@ MODELS: dict[str, GANSpec] = {
             real_input=_pyramid,
             conditional=True,
         ),
+        GANSpec(
+            name="singan",
+            description="SinGAN (Shaham et al. 2019): one pyramid of patch GANs per image, "
+            "trained by `synthbreast train-singan`",
+            config_type=singan.SinGANConfig,
+            generator=singan.SinGAN,
+            discriminator=singan.build_discriminators,
+            real_input=_singan_pyramid,
+            conditional=False,
+            trainer="singan",
+        ),
     )
 }
 
@@ -68,10 +89,17 @@ MODELS: dict[str, GANSpec] = {
 LEGACY_MODEL = "msggan"
 
 
-def get_model(name: str) -> GANSpec:
+def get_model(name: str, trainer: str = "gan") -> GANSpec:
+    """The spec of model `name`, which must be one that `trainer`'s command trains."""
     if name not in MODELS:
         raise UserError(f"--model {name!r} unknown; choose from {', '.join(MODELS)}")
-    return MODELS[name]
+    spec = MODELS[name]
+    if spec.trainer != trainer:
+        raise UserError(
+            f"--model {name} is trained by `{TRAINERS[spec.trainer]}`, not "
+            f"`{TRAINERS[trainer]}`: run that command"
+        )
+    return spec
 
 
 def build_config(spec: GANSpec, data: dict[str, Any]) -> Any:
