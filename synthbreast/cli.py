@@ -492,6 +492,9 @@ def train_gan(
     g_upsample: Annotated[
         _Opt[str], typer.Option(help="Generator upsampling: nearest (paper) or bilinear.")
     ] = None,
+    g_noise: Annotated[
+        _Opt[bool], typer.Option(help="Per-pixel noise after each generator conv (StyleGAN).")
+    ] = None,
     batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
     optimizer: Annotated[
         _Opt[str],
@@ -550,6 +553,7 @@ def train_gan(
         latent_dim=latent_dim,
         g_padding=g_padding,
         g_upsample=g_upsample,
+        g_noise=g_noise,
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,

@@ -102,6 +102,9 @@ def shard_seed(base_seed: int, shard: int, label: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+NOISE_STREAM = 0x5EED  # xor-ed into a shard's seed for its noise generator
+
+
 def shard_latents(
     base_seed: int, shard: int, label: int, count: int, latent_dim: int
 ) -> torch.Tensor:
@@ -414,11 +417,14 @@ def shard_samples(
     """The samples of one shard, in order; G runs on batches cut at fixed offsets."""
     latents = shard_latents(config.seed, shard, label, config.per_shard, G.config.latent_dim)
     seed = shard_seed(config.seed, shard, label)
+    # the per-pixel noise of a noise-injecting G: its own stream, drawn in the same fixed
+    # batches, so a shard's bytes still depend on (seed, class, shard) alone
+    noise = torch.Generator(device="cpu").manual_seed(seed ^ NOISE_STREAM)
     for start in range(0, config.per_shard, config.batch_size):
         z = latents[start : start + config.batch_size].to(device)
         labels = torch.full((len(z),), label, device=device) if G.config.num_classes else None
         with torch.no_grad():
-            images = G.sample(z, labels)
+            images = G.sample(z, labels, noise)
         for offset, pixels in enumerate(to_uint8(images)):
             index = start + offset
             meta = {

@@ -168,3 +168,29 @@ def test_reflect_padding_keeps_shapes_and_parameters_and_changes_the_border():
     assert not torch.allclose(a[-1][..., 0, :], b[-1][..., 0, :])
     with pytest.raises(ValueError, match="g_padding"):
         MSGGANConfig(g_padding="circularish")
+
+
+def test_noise_starts_silent_is_reproducible_with_a_generator_and_varies_without():
+    plain = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16)
+    noisy = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16, g_noise=True)
+    torch.manual_seed(0)
+    G0, G1 = Generator(plain), Generator(noisy)
+    missing, unexpected = G1.load_state_dict(G0.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(".noise" in name for name in missing)
+    z = torch.randn(3, 32)
+    # a new model's noise weights are 0: it draws what the noiseless model draws
+    assert torch.equal(G0.sample(z), G1.sample(z, None, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        for block in G1.blocks:
+            block.noise1.weight.fill_(0.3)
+            block.noise2.weight.fill_(0.3)
+    a = G1.sample(z, None, torch.Generator().manual_seed(1))
+    b = G1.sample(z, None, torch.Generator().manual_seed(1))
+    c = G1.sample(z, None, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 1e-3  # the noise reaches the image
+    # the training forward's top scale is sample's image when both see the same noise
+    torch.manual_seed(5)
+    top = G1(z)[-1]
+    torch.manual_seed(5)
+    assert torch.allclose(top, G1(z)[-1])

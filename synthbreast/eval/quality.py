@@ -207,12 +207,13 @@ class GeneratorQuality:
         per_class = {}
         for label, real in self.real.items():
             images = []
+            noise = torch.Generator().manual_seed(label)  # the same noise at every snapshot
             for start in range(0, self.count, 128):
                 z = self.latents[start : start + 128].to(device)
                 labels = None
                 if G.config.num_classes:
                     labels = torch.full((len(z),), label, device=device)
-                x = G.sample(z, labels).float().clamp(-1, 1)
+                x = G.sample(z, labels, noise).float().clamp(-1, 1)
                 if self.side and x.shape[-1] != self.side:  # at the size generate writes
                     x = F.interpolate(x, size=(self.side, self.side), mode="bilinear",
                                       antialias=True)  # fmt: skip

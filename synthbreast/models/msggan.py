@@ -56,6 +56,10 @@ class MSGGANConfig:
     # the generator's x2 upsampling: "nearest" (ProGAN, the official MSG-GAN) or "bilinear",
     # which does not hand the next conv blocky 2x2 copies to turn into grid artefacts
     g_upsample: str = "nearest"
+    # per-pixel noise added after every generator conv, scaled per channel by a learnt weight
+    # that starts at 0 (StyleGAN): fine stochastic detail (chromatin, fibre texture) need not
+    # be drawn from the latent, which a narrow model otherwise spends its capacity on
+    g_noise: bool = False
     num_classes: int = 0  # 0: unconditional (msggan); >= 2: conditional (msggan-cond)
 
     def __post_init__(self) -> None:
@@ -204,24 +208,57 @@ class GeneratorInput(nn.Module):
         return pixel_norm(lrelu(self.conv(x)))
 
 
+class NoiseInjection(nn.Module):
+    """x + weight[c] * noise, one N(0, 1) value per pixel shared by all channels (StyleGAN).
+
+    The weight starts at 0, so a new model is the noiseless one. `generator` makes the noise
+    reproducible (generate passes one seeded per shard); without it the global RNG is used,
+    whose state training checkpoints keep."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        n, _, h, w = x.shape
+        noise = torch.randn(
+            n, 1, h, w, generator=generator, device="cpu" if generator else x.device
+        )
+        return x + self.weight * noise.to(x.device, x.dtype)
+
+
 class GeneratorBlock(nn.Module):
-    """Nearest-neighbour upsample x2, then two 3x3 convs with LeakyReLU and pixel norm."""
+    """Upsample x2 (nearest or bilinear), then two 3x3 convs with LeakyReLU and pixel norm
+    (and per-pixel noise before each activation when `noise`)."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, padding_mode: str = "zeros", upsample: str = "nearest"
+        self,
+        in_ch: int,
+        out_ch: int,
+        padding_mode: str = "zeros",
+        upsample: str = "nearest",
+        noise: bool = False,
     ) -> None:
         super().__init__()
         self.upsample = upsample
         self.conv1 = EqualizedConv2d(in_ch, out_ch, 3, padding_mode=padding_mode)
         self.conv2 = EqualizedConv2d(out_ch, out_ch, 3, padding_mode=padding_mode)
+        self.noise1 = NoiseInjection(out_ch) if noise else None
+        self.noise2 = NoiseInjection(out_ch) if noise else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if self.upsample == "nearest":
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x = pixel_norm(lrelu(self.conv1(x)))
-        return pixel_norm(lrelu(self.conv2(x)))
+        x = self.conv1(x)
+        if self.noise1 is not None:
+            x = self.noise1(x, generator)
+        x = pixel_norm(lrelu(x))
+        x = self.conv2(x)
+        if self.noise2 is not None:
+            x = self.noise2(x, generator)
+        return pixel_norm(lrelu(x))
 
 
 def one_hot(labels: Tensor | None, embed: EqualizedLinear, like: Tensor) -> Tensor:
@@ -245,7 +282,13 @@ class Generator(nn.Module):
         pad = config.g_padding
         self.input = GeneratorInput(config.latent_dim, config.channels(4), pad, config.num_classes)
         self.blocks = nn.ModuleList(
-            GeneratorBlock(config.channels(s // 2), config.channels(s), pad, config.g_upsample)
+            GeneratorBlock(
+                config.channels(s // 2),
+                config.channels(s),
+                pad,
+                config.g_upsample,
+                config.g_noise,
+            )
             for s in scales[1:]
         )
         self.to_rgb = nn.ModuleList(
@@ -260,13 +303,16 @@ class Generator(nn.Module):
             images.append(to_rgb(x))
         return images
 
-    def sample(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+    def sample(
+        self, z: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Images (N, 3, resolution, resolution) in about [-1, 1]: what generate writes.
 
-        The lower scales' to_rgb are skipped: only the top image is kept."""
+        The lower scales' to_rgb are skipped: only the top image is kept. `generator` (a CPU
+        torch.Generator) draws the per-pixel noise of a `g_noise` model reproducibly."""
         x = self.input(z, labels)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, generator)
         return self.to_rgb[-1](x)
 
 

@@ -5,9 +5,10 @@ more: its config dataclass, how to build G and D from it, what the discriminator
 batch of real images, and whether it takes class labels. The loop never imports a model module;
 a checkpoint records the spec's name and the config, so `generate` rebuilds G from it alone.
 
-Every generator here has `G.sample(z, labels)` -> images (N, C, H, W) in about [-1, 1] and
-`G.config.latent_dim`; `G(z, labels)` and `D(real_input(images), labels)` are the two sides of
-the training loss.
+Every generator here has `G.sample(z, labels, generator=None)` -> images (N, C, H, W) in about
+[-1, 1] (`generator`: a CPU torch.Generator for any randomness beyond z, e.g. per-pixel noise,
+so that generated shards stay reproducible) and `G.config.latent_dim`; `G(z, labels)` and
+`D(real_input(images), labels)` are the two sides of the training loss.
 
 Adding a model: write its nn.Modules in a module of their own, then register a `GANSpec` here.
 """

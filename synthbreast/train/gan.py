@@ -180,6 +180,7 @@ def model_config(config: TrainGANConfig, spec: GANSpec, num_classes: int) -> Any
             width=config.width,
             g_padding=config.g_padding,
             g_upsample=config.g_upsample,
+            g_noise=config.g_noise,
             num_classes=num_classes if spec.conditional else 0,
         )
     except ValueError as err:
@@ -751,7 +752,8 @@ class TrainingInterrupted(Exception):
 @torch.no_grad()
 def write_grid(G: torch.nn.Module, z: torch.Tensor, labels, device, path: Path) -> None:
     labels = None if labels is None else labels.to(device)
-    images = G.sample(z.to(device), labels).float().clamp(-1, 1)
+    noise = torch.Generator().manual_seed(0)  # the same noise in every grid of a run
+    images = G.sample(z.to(device), labels, noise).float().clamp(-1, 1)
     pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     title = None
     if labels is not None:
