@@ -435,7 +435,7 @@ def best_metric_step(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
     if not path.is_file():
         return None
     have = {int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir)}
-    lines = [json.loads(t) for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    lines = [line for _, line in jsonl_lines(path)]
     lines = [line for line in lines if line["step"] in have and line.get(METRIC_KEY) is not None]
     if not lines:
         return None
@@ -762,13 +762,27 @@ def write_grid(G: torch.nn.Module, z: torch.Tensor, labels, device, path: Path) 
     save_png(make_grid(list(pixels), scale=2, title=title), path)
 
 
+def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(text, object) of every whole line with a step; a line cut short by a kill inside an
+    append (its last) or one that is not a step's object is left out."""
+    found = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("step"), int):
+            found.append((text, line))
+    return found
+
+
 def truncate_stats(path: Path, step: int) -> None:
-    """Keep the lines up to `step`: a resumed run repeats the steps after its checkpoint."""
+    """Keep the lines up to `step`: a resumed run repeats the steps after its checkpoint (and
+    a torn last line of a killed run goes)."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    kept = [text for text, line in jsonl_lines(path) if line["step"] <= step]
+    atomic_write_bytes(path, "".join(text + "\n" for text in kept).encode())
 
 
 def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
