@@ -1,7 +1,9 @@
 """GAN losses for a multi-scale discriminator, chosen by name (`train-gan --loss`).
 
-- `wgan-gp`: the paper's and the official MSG-GAN's: Wasserstein critic with gradient penalty
-  (one norm over all scales) and ProGAN's drift term.
+- `wgan-gp`: the paper's loss: Wasserstein critic, gradient penalty and ProGAN's drift term.
+  The penalty takes ONE gradient norm per sample over all scales (`gradient_penalty`), which
+  is not what the official MSG-GAN code (akanimax/BMSG-GAN) writes: a mean over scales of each
+  scale's own penalty.
 - `logistic-r1`: StyleGAN2's non-saturating logistic loss with the R1 penalty on reals, lazily
   every `r1_interval` steps (weighted by the interval). It needs no interpolated pyramid and no
   second D pass on 15 of 16 steps, so a step costs less, and on small data it learns texture
@@ -56,10 +58,18 @@ def gradient_penalty(
     alpha: Tensor | None = None,
     full_precision: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """weight * mean_i (||grad_x D(x_i)|| - 1)^2 over interpolated pyramids x_i.
+    """weight * mean_i (||g_i|| - 1)^2, one norm per sample over ALL scales:
 
-    The norm of sample i is ONE norm over the gradients with respect to all of its scales
-    (the discriminator sees the pyramid as one input). Returns (penalty, per-sample norms).
+        x_i,s = real_i,s + alpha_i (fake_i,s - real_i,s)    one alpha_i for all scales s
+        g_i,s = d sum_j D(x_j) / d x_i,s                     the gradient at each scale
+        ||g_i|| = sqrt(sum_s ||g_i,s||^2)                    the scales' gradients as one vector
+
+    The discriminator is a function of the whole pyramid, so this is WGAN-GP's penalty on
+    that one input. It is NOT the per-scale average of the official MSG-GAN code,
+    (weight / S) sum_s mean_i (||g_i,s|| - 1)^2, which asks each scale's gradient alone to
+    have norm 1 (for S scales, ||g_i|| near sqrt(S) there); there is no option for that one.
+    Interpolation and gradients in fp32; `alpha` (N,) is drawn uniformly when not given.
+    Returns (penalty, the per-sample norms ||g_i||).
 
     With `full_precision` (the default) autocast is switched off here: the D forward and the
     autograd.grad of the penalty run in fp32 even inside a bf16 autocast region. (||g|| - 1)^2
