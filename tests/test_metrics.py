@@ -97,3 +97,80 @@ def test_patient_bootstrap_is_wider_when_patients_differ():
     wide = m.bootstrap_ci(y, prob, patients, n_boot=300, seed=0)["accuracy"]
     narrow = m.bootstrap_ci(y, prob, None, n_boot=300, seed=0)["accuracy"]
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+
+
+# --- FID, KID and PRDC against the reference packages: float32, and fewer images than dims ---
+
+# (images real, images synthetic, dimensions): more images than dimensions, and fewer (the
+# covariances are singular: FID's matrix square root must still agree)
+SHAPES = [(600, 450, 48), (40, 30, 64)]
+
+
+def feature_sets(n_real: int, n_synthetic: int, dims: int, dtype) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(n_real + dims)
+    real = rng.normal(size=(n_real, dims))
+    mixing = np.eye(dims) + 0.1 * rng.normal(size=(dims, dims))
+    synthetic = rng.normal(0.2, 1.0, size=(n_synthetic, dims)) @ mixing
+    return real.astype(dtype), synthetic.astype(dtype)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy's, inside pytorch-fid
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=["n>d", "n<d"])
+def test_fid_equals_pytorch_fid_in_float32_and_with_few_images(shape, dtype):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from synthbreast.eval import fidelity as F
+
+    real, synthetic = feature_sets(*shape, dtype)
+    # pytorch-fid's own statistics: np.mean in the features' precision, np.cov in float64
+    stats = [(np.mean(x, axis=0), np.cov(x, rowvar=False)) for x in (real, synthetic)]
+    expected = calculate_frechet_distance(*stats[0], *stats[1])
+    got = F.fid(real, synthetic)
+    # float32: pytorch-fid's float32 mean differs in the last bits; ours is the float64 one
+    assert got == pytest.approx(expected, rel=1e-7 if dtype == np.float64 else 1e-6)
+    assert got == F.fid(real.astype(np.float64), synthetic.astype(np.float64))
+    assert got > 1, "two different distributions"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=["n>d", "n<d"])
+def test_kid_equals_torch_fidelity_in_float32_and_with_few_images(shape, dtype):
+    import torch
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
+
+    from synthbreast.eval import fidelity as F
+
+    real, synthetic = feature_sets(*shape, dtype)
+    size = min(100, *shape[:2])
+    expected = kid_features_to_metric(
+        torch.from_numpy(real), torch.from_numpy(synthetic), kid_subsets=20,
+        kid_subset_size=size, rng_seed=3, verbose=False,
+    )  # fmt: skip
+    mean, std = F.kid(real, synthetic, subsets=20, subset_size=size, seed=3)
+    # float32: torch-fidelity takes the kernel in float32, ours in float64 (the products in
+    # float32 both): they agree to float32's rounding of an MMD of order 0.3
+    rel = 1e-9 if dtype == np.float64 else 1e-5
+    assert mean == pytest.approx(expected[KEY_METRIC_KID_MEAN], rel=rel)
+    assert std == pytest.approx(expected[KEY_METRIC_KID_STD], rel=rel * 10)
+    truth, _ = F.kid(real.astype(np.float64), synthetic.astype(np.float64), 20, size, seed=3)
+    assert mean == pytest.approx(truth, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=["n>d", "n<d"])
+def test_prdc_equals_prdc_package_in_float32_and_with_few_images(shape, dtype, capsys):
+    from prdc import compute_prdc
+
+    from synthbreast.eval import fidelity as F
+
+    real, synthetic = feature_sets(*shape, dtype)
+    expected = compute_prdc(real, synthetic, nearest_k=5)
+    got = F.prdc(real, synthetic, k=5, row_block=17, column_block=13)
+    for key in (F.PRECISION, F.RECALL, F.DENSITY, F.COVERAGE):
+        assert got[key] == pytest.approx(float(expected[key]), abs=1e-12), key
+    assert 0 < got[F.PRECISION] < 1 and 0 < got[F.COVERAGE] < 1
