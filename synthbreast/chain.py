@@ -330,7 +330,9 @@ def run_demo_data(stage: Stage, ctx: Context) -> str:
     from synthbreast.data.demo import write_demo_dataset
 
     demo = stage.config
-    task = ctx.progress.add_task("demo patches", total=demo.patients * demo.per_class * 2)
+    films = demo.format == "mias"  # two films per woman, else patches per class per patient
+    total = demo.patients * 2 if films else demo.patients * demo.per_class * 2
+    task = ctx.progress.add_task("demo films" if films else "demo patches", total=total)
     write_demo_dataset(demo, on_progress=lambda n: ctx.progress.advance(task, n))
     return "done"
 

@@ -1002,7 +1002,7 @@ def submit_all(
     FILE` (demo-data -> ingest -> GAN -> generation arrays -> gate -> scenario array and
     fidelity -> report). Complete demo data and ingest are not resubmitted. Then: synthbreast
     status OUT."""
-    from synthbreast.chain import config_text, pipeline_budget, plan
+    from synthbreast.chain import CHAIN_CONFIG, config_text, pipeline_budget, plan
     from synthbreast.models.classifier import backbone_spec
     from synthbreast.submit import plan_jobs
 
@@ -1011,7 +1011,7 @@ def submit_all(
     backbone_spec(pipeline_budget(config).backbone)  # a typo fails now, not hours later
     root = Path(config.out)
     jobs, notes = plan_jobs(stages, root, max_parallel)
-    saved, text = root / "config.json", config_text(config)
+    saved, text = root / CHAIN_CONFIG, config_text(config)
     if jobs and not (saved.is_file() and saved.read_text(encoding="utf-8") == text):
         # the chain's config, for `status` (and `submit all --config OUT/config.json`)
         jobs[0].files[str(saved)] = text
@@ -1027,10 +1027,11 @@ def status(
     missing, failed ...), and the command that reruns failed scenario tasks."""
     from rich.console import Console
 
+    from synthbreast.chain import CHAIN_CONFIG
     from synthbreast.submit import chain_outputs, job_states, read_jobs, resubmit_commands
 
     shown = Console()  # stdout: the states are this command's result (`| grep FAILED`)
-    jobs = read_jobs(out, required=not (out / "config.json").is_file())
+    jobs = read_jobs(out, required=not (out / CHAIN_CONFIG).is_file())
     states = job_states([j["job_id"] for j in jobs]) if jobs else {}
     table = Table(title=f"jobs of {out}")
     for column in ("job", "id", "state"):

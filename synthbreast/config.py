@@ -33,7 +33,9 @@ def load_config(path: Path, kind: type) -> Any:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
-        raise UserError(f"{where}: cannot read it ({err.strerror})") from None
+        raise UserError(
+            f"{where}: cannot read it ({err.strerror}); write one with the command's --dry-run"
+        ) from None
     except ValueError as err:
         raise UserError(f"{where} is not JSON ({err}): write it with --dry-run > FILE") from None
     if not isinstance(data, dict) or data.get("job", kind.__name__) != kind.__name__:
@@ -43,7 +45,10 @@ def load_config(path: Path, kind: type) -> Any:
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)} for {kind.__name__}")
+        raise UserError(
+            f"{where}: unknown field(s) {', '.join(unknown)} for {kind.__name__}: remove them, "
+            "or write the file again with the command's --dry-run"
+        )
     missing = [
         f.name
         for f in dataclasses.fields(kind)
@@ -52,7 +57,10 @@ def load_config(path: Path, kind: type) -> Any:
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise UserError(f"{where}: missing field(s) {', '.join(missing)} of {kind.__name__}")
+        raise UserError(
+            f"{where}: missing field(s) {', '.join(missing)} of {kind.__name__}: add them, or "
+            "write the file again with the command's --dry-run"
+        )
     return kind(**data)
 
 

@@ -157,3 +157,77 @@ def test_cli_dry_run_applies_budget_then_flags(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
     assert config["budget"] == "small" and config["kimg"] == 3.0 and config["width"] == 1 / 16
+
+
+@pytest.mark.distributed
+def test_two_ranks_hold_identical_weights_and_average_their_gradients(demo_shards, tmp_path):
+    """2 real gloo ranks (torchrun on the CPU): after every step both hold bit-identical D, G
+    and G_ema (a sha256 gathered from each), and every averaged gradient equals the mean of
+    the two ranks' own gradients, which differ (each rank has its own images and latents)."""
+    probe = Path(__file__).with_name("dist_train_probe.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", str(probe), str(tmp_path)]
+    command += cli_args(demo_shards, tmp_path / "runs", "--class", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = 6
+    for rank in ranks:
+        assert rank["exit"] == 0
+        assert len(rank["weights"]) == steps, "a hash after every step"
+        assert [c["net"] for c in rank["grads"]] == ["D", "G"] * steps
+        for check in rank["grads"]:
+            assert check["equal_to_mean"], check
+            assert check["ranks_differ"], "the ranks' own gradients should differ"
+    hashes = ranks[0]["weights"]
+    assert hashes == ranks[1]["weights"]
+    for step, per_rank in enumerate(hashes, 1):
+        assert per_rank[0] == per_rank[1], f"the ranks' weights differ after step {step}"
+    assert len({per_rank[0] for per_rank in hashes}) == steps, "the weights changed every step"
+
+
+def test_resume_across_an_epoch_boundary_with_loader_workers(demo_shards, tmp_path):
+    """Stopped (SIGUSR1) in epoch 0 and resumed past the end of it, with 2 DataLoader workers:
+    the same weights, optimizer moments and data position as a run never stopped. Class 1's
+    120 gan-pool images over 2 workers make 14 batches of 8 an epoch; 20 steps cross it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--kimg", "0.16", "--class", "1", "--workers", "2", "--metric-images", "0"]
+    plain = subprocess.run(
+        [sys.executable, "-m", "synthbreast", *cli_args(demo_shards, tmp_path / "a", *extra)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    args_b = cli_args(demo_shards, tmp_path / "b", *extra)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synthbreast", *args_b],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "b").glob("*/checkpoints/*.json")):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err.decode()[-3000:]
+    (run_b,) = (tmp_path / "b").iterdir()
+    stopped = load_checkpoint(run_b)["state"]
+    assert stopped["data"][0][0][0] == 0 and stopped["step"] < 14, "stopped inside epoch 0"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "synthbreast", *args_b, "--resume", "auto"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run_a,) = (tmp_path / "a").iterdir()
+    a, b = final_state(run_a), final_state(run_b)
+    assert a["step"] == b["step"] == 20
+    assert a["data"] == b["data"] == [[[1, 6]]], "epoch 1, its 6th batch"
+    for net in ("G", "D", "G_ema"):
+        for name, tensor in a[net].items():
+            assert torch.equal(tensor, b[net][name]), f"{net}.{name} differs after resume"
+    for opt in ("optG", "optD"):
+        for key, moments in a[opt]["state"].items():
+            for name, tensor in moments.items():
+                assert torch.equal(tensor, b[opt]["state"][key][name]), f"{opt} {key} {name}"
