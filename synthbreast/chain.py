@@ -71,6 +71,8 @@ PIPELINE_BUDGETS: dict[str, PipelineBudget] = {
 
 GENERATE_TASKS = 8  # at most this many array tasks per class's generation
 CONFIGS = "configs"  # OUT/configs/<stage>.json: the config each stage ran or was submitted with
+CHAIN_CONFIG = "config.json"  # OUT/config.json: the PipelineConfig the chain was planned from
+RECORD = "pipeline.json"  # OUT/pipeline.json: what `pipeline` ran, each stage's time and status
 DEMO_CLASSES = ["0", "1"]  # the demo data is in the IDC layout: classes 0 and 1
 
 Log = Callable[[Any], None]

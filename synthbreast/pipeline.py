@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from synthbreast.chain import (
+    CHAIN_CONFIG,
     PIPELINE_BUDGETS,
+    RECORD,
     Context,
     Stage,
     check_classifier,
@@ -64,7 +66,7 @@ def run_pipeline(config: PipelineConfig, progress, log: Log = print) -> Path:
     check_classifier(budget, config.weights_path)  # before the GAN's minutes, not after
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.json")
+    save_config(config, out / CHAIN_CONFIG)
     record: dict[str, Any] = {
         "config": to_dict(config),
         "budget": dataclasses.asdict(budget),
@@ -86,12 +88,14 @@ def run_pipeline(config: PipelineConfig, progress, log: Log = print) -> Path:
             {"stage": stage.name, "command": stage.command, "config": str(path),
              "seconds": seconds, "status": result}
         )  # fmt: skip
-        atomic_write_json(out / "pipeline.json", record)
+        atomic_write_json(out / RECORD, record)
         log(f"   {stage.name}: {result} in {seconds} s")
-    report = Path(stages[-1].config.out) / "report.html"
+    from synthbreast.report.render import REPORT_HTML
+
+    report = Path(stages[-1].config.out) / REPORT_HTML
     record["seconds"] = round(sum(s["seconds"] for s in record["stages"]), 1)
     record["report"] = str(report)
-    atomic_write_json(out / "pipeline.json", record)
+    atomic_write_json(out / RECORD, record)
     return report
 
 

@@ -287,13 +287,13 @@ def _run(command: list[str]) -> str | None:
 def chain_outputs(out: Path, jobs: list[dict[str, Any]]) -> dict[str, str]:
     """Which outputs exist, each stage asked for its own: the chain of OUT/config.json (a
     `pipeline` or `submit all` OUT), then the stages of the jobs submitted with a config."""
-    from synthbreast.chain import STAGE_KINDS, Stage, outputs, plan
+    from synthbreast.chain import CHAIN_CONFIG, STAGE_KINDS, Stage, outputs, plan
     from synthbreast.config import PipelineConfig, load_config
 
     stages = []
-    if (out / "config.json").is_file():
+    if (out / CHAIN_CONFIG).is_file():
         try:
-            stages = plan(load_config(out / "config.json", PipelineConfig))
+            stages = plan(load_config(out / CHAIN_CONFIG, PipelineConfig))
         except UserError:
             stages = []  # not a chain's folder (another job's config.json)
     for job in jobs:

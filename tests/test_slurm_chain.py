@@ -281,3 +281,34 @@ def test_a_failed_scenario_task_is_reported_then_rerun_alone(chain, slurm_cluste
     assert f"{again}_{failing}:COMPLETED" in shown, shown
     assert re.search(r"│ classify/synth-synth +│ complete", shown), shown
     assert "synthbreast submit" not in shown, shown
+
+
+def test_train_gan_sh_passes_paths_and_extra_flags_as_words_never_as_shell_code(
+    slurm_cluster, demo_shards, tmp_path
+):
+    """slurm/train_gan.sh by hand (SHARDS, OUTDIR, EXTRA): an OUTDIR with quotes and a space
+    trains into that very folder; an EXTRA with `;` in it is words for train-gan, which refuses
+    them, and runs nothing (it once went into a `bash -c "..."` string)."""
+    cluster = slurm_cluster
+    script = str(Path(__file__).resolve().parents[1] / "slurm" / "train_gan.sh")
+    outdir = tmp_path / "gan 'q' \"x\""
+    mark = tmp_path / "ran"
+    flags = "--budget tiny --kimg 0.016 --metric-images 0 --workers 0"
+    jobs = {}
+    for name, extra in (("quoted", flags), ("injected", f"{flags} ; touch {mark}")):
+        env = {"SHARDS": str(demo_shards), "OUTDIR": str(outdir), "EXTRA": extra}
+        jobs[name] = cluster.sbatch(
+            "--gpus-per-node=0", *CPU_ONLY.split()[2:], f"--output={tmp_path}/{name}.out",
+            script, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    for name, job in jobs.items():
+        (record,) = cluster.wait(job, timeout=300)
+        text = (tmp_path / f"{name}.out").read_text()
+        if name == "quoted":
+            assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), text
+        else:
+            assert record["JobState"] == "FAILED", f"{record}\n{text}"
+            assert "unexpected extra argument" in text.lower() or "Got unexpected" in text, text
+    (run,) = [p for p in outdir.iterdir() if p.is_dir()]
+    assert list((run / "checkpoints").glob("ckpt-*.json")), list(run.iterdir())
+    assert not mark.exists()
