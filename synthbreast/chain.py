@@ -73,7 +73,6 @@ GENERATE_TASKS = 8  # at most this many array tasks per class's generation
 CONFIGS = "configs"  # OUT/configs/<stage>.json: the config each stage ran or was submitted with
 CHAIN_CONFIG = "config.json"  # OUT/config.json: the PipelineConfig the chain was planned from
 RECORD = "pipeline.json"  # OUT/pipeline.json: what `pipeline` ran, each stage's time and status
-DEMO_CLASSES = ["0", "1"]  # the demo data is in the IDC layout: classes 0 and 1
 
 Log = Callable[[Any], None]
 
@@ -158,14 +157,21 @@ def real_classes_and_size(config: PipelineConfig) -> tuple[list[str], int | None
     if config.format not in LAYOUTS:
         raise UserError(f"--format {config.format!r} unknown; choose from {', '.join(LAYOUTS)}")
     layout = LAYOUTS[config.format]
-    if config.demo:
-        return list(DEMO_CLASSES), layout.default_patch_size
+    if config.demo:  # the demo data of this layout (data/demo.py DEMO_FORMATS)
+        from synthbreast.data.demo import demo_class_names
+
+        return demo_class_names(config.format), layout.default_patch_size
     src = where["data"]
     if not src.is_dir():
         raise UserError(f"--data {src}: no such folder (or pass --demo for the demo data)")
     try:
         inner = layout.data_root(src) if layout.data_root else None
-        names = layout.scan(src / inner if inner else src, None).class_names
+        scan = layout.scan(src / inner if inner else src, None)
+        names = scan.class_names
+        if scan.mammograms:  # classes come from the label map, as ingest gives them
+            from synthbreast.data.mammo import LABEL_MAPS
+
+            names = list(LABEL_MAPS[layout.labels].class_names)
     except ValueError as err:
         raise UserError(f"--data {src}: {err}") from None
     if not names:
@@ -189,7 +195,7 @@ def plan(config: PipelineConfig) -> list[Stage]:
     if config.demo:
         demo = DemoDataConfig(
             out=str(where["data"]), patients=budget.demo_patients,
-            per_class=budget.demo_per_class, seed=config.seed,
+            per_class=budget.demo_per_class, seed=config.seed, format=config.format,
         )  # fmt: skip
         stages.append(Stage("demo-data", "demo-data", demo))
         ingest_after = ["demo-data"]

@@ -161,27 +161,38 @@ def demo_data(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing demo dataset at OUT.")
     ] = False,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="idc (H&E patches) or mias (grey films, 2 per patient, 3 classes)."
+        ),
+    ] = "idc",
     config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
-    """Write the embedded demo dataset: procedural H&E-like patches in the Kaggle IDC layout.
+    """Write the embedded demo dataset: procedural H&E-like patches in the Kaggle IDC layout,
+    or with --format mias procedural grey mammograms in the mini-MIAS layout.
 
     It is demo data, not real tissue: class 1 (IDC) has denser, larger, more irregular nuclei;
-    every patient has its own stain tint. 20 patients x 2 classes x 50 = 2,000 patches.
+    every patient has its own stain tint. 20 patients x 2 classes x 50 = 2,000 patches. The
+    mias films hold round and spiculated masses and calcification clusters (benign or
+    malignant, each a row of Info.txt) in fatty to dense tissue.
     """
     from synthbreast.data.demo import write_demo_dataset
 
-    config = DemoDataConfig(str(out), patients, per_class, seed, overwrite=overwrite)
+    config = DemoDataConfig(str(out), patients, per_class, seed, overwrite=overwrite, format=format)
     config = job_config(ctx, config_file, config, required=["out"])
     if dry_run:
         print(dumps(config))
         return
-    total = config.patients * config.per_class * 2
+    films = config.format == "mias"
+    total = config.patients * 2 if films else config.patients * config.per_class * 2
+    what = "films" if films else "patches"
     with progress_bar() as progress:
-        task = progress.add_task("demo patches", total=total)
+        task = progress.add_task(f"demo {what}", total=total)
         write_demo_dataset(config, on_progress=lambda n: progress.advance(task, n))
     console.print(
-        f"wrote {total} demo patches of {config.patients} patients to {config.out} "
+        f"wrote {total} demo {what} of {config.patients} patients to {config.out} "
         "[yellow](procedural demo data, not real tissue)[/]"
     )
 

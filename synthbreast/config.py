@@ -66,14 +66,16 @@ def load_config(path: Path, kind: type) -> Any:
 
 @dataclass
 class DemoDataConfig:
-    """`synthbreast demo-data`: the procedural, clearly-not-real IDC-layout demo dataset."""
+    """`synthbreast demo-data`: the procedural, clearly-not-real demo dataset, in the IDC
+    layout (histology patches) or the mias layout (whole grey mammograms)."""
 
     out: str
-    patients: int = 20
-    per_class: int = 50  # patches per class per patient
+    patients: int = 20  # mias: women, two films each
+    per_class: int = 50  # idc: patches per class per patient (mias: not used)
     seed: int = 0
     patch_size: int = 50
     overwrite: bool = False
+    format: str = "idc"  # data/demo.py DEMO_FORMATS: idc | mias
 
 
 @dataclass

@@ -72,7 +72,9 @@ WRITERS = ".writers.lock"  # held shared by every live writer of OUT, exclusivel
 # the temp names our atomic writes use (synthbreast.fileio.temp_name): `.<name>.tmp-<pid>`
 TEMP_FILE = re.compile(r"^\.(synthetic-\d{6}\.tar|manifest\.json|config\.json)\.tmp-\d+$")
 KEY_SCHEME = 2  # 2: keys and seeds name the class (see the module docstring); absent: 1
-CLASS_NAMES = ["0", "1"]  # IDC negative / positive, as the real shards name them
+# the class names of a GAN whose training shards are no longer readable: it was then an IDC
+# model (classes are otherwise the training manifest's, e.g. healthy / benign / malignant)
+CLASS_NAMES = ["0", "1"]
 SAMPLE_KEYS = ["__key__", "png", "cls", "json"]
 # Fields of the manifest's "job" that decide the bytes of every shard: an OUT holds one job.
 IDENTITY_FIELDS = (
@@ -310,7 +312,7 @@ def generated_label(config: GenerateConfig, G: torch.nn.Module, checkpoint: dict
     if trained is None and config.class_label is None:
         raise UserError(
             f"{where} was trained on every class: say which label the images get "
-            "with --class 0 or --class 1"
+            "with --class N (a class number of its training shards' manifest)"
         )
     if trained is not None and config.class_label not in (None, trained):
         raise UserError(
@@ -388,14 +390,18 @@ def training_provenance(train_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in about [-1, 1] -> (N, H, W, 3) uint8."""
+    """(N, C, H, W) in about [-1, 1] -> (N, H, W, C) uint8 (C = 3, or 1 for grey)."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def encode_png(pixels: np.ndarray, size: int) -> bytes:
-    """One HxWx3 uint8 image -> PNG bytes, resized (bicubic, antialiased) to size x size."""
-    image = Image.fromarray(pixels, "RGB")
+    """One HxWx3 (RGB) or HxWx1 (grey) uint8 image -> RGB or grey PNG bytes, resized (bicubic,
+    antialiased) to size x size."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        image = Image.fromarray(pixels[..., 0], "L")  # a 1-channel GAN writes grey PNGs
+    else:
+        image = Image.fromarray(pixels, "RGB")
     if image.size != (size, size):
         # PIL widens the bicubic kernel when shrinking, so this is antialiased
         image = image.resize((size, size), Image.BICUBIC)
@@ -503,7 +509,11 @@ def new_manifest(
             "training_shards": checkpoint["train_config"].get("shards"),
             **checkpoint.get("provenance", {}),
         },
-        "sample": {"keys": SAMPLE_KEYS, "image_size": job["output_size"]},
+        "sample": {
+            "keys": SAMPLE_KEYS,
+            "image_size": job["output_size"],
+            "channels": checkpoint.get("image_channels", 3),  # 1: grey PNGs
+        },
         # planned up front, as ingest does; `shards` below grows as shards land
         "pools": {
             POOL: {
@@ -696,6 +706,7 @@ def _run_generate(
     chosen_path, snapshot = choose_snapshot(config.checkpoint, config.snapshot)
     G, checkpoint = load_generator(chosen_path)
     checkpoint["snapshot"] = snapshot
+    checkpoint["image_channels"] = getattr(G.config, "image_channels", 3)
     label = generated_label(config, G, checkpoint)
     size = config.output_size or G.config.resolution
     job = job_identity(config, checkpoint["sha256"], label, size)

@@ -35,10 +35,13 @@ def make_grid(
     title: str | None = None,
     scale: int = 1,
 ) -> Image.Image:
-    """Tile HxWx3 uint8 images (or PIL images) into one RGB image, white gaps between them."""
+    """Tile HxWx3 or grey (HxW, HxWx1) uint8 images (or PIL images) into one RGB image, white
+    gaps between them; grey tiles are shown grey."""
     if not images:
         raise ValueError("make_grid needs at least one image")
-    tiles = [img if isinstance(img, Image.Image) else Image.fromarray(img) for img in images]
+    tiles = [
+        img if isinstance(img, Image.Image) else Image.fromarray(_plane(img)) for img in images
+    ]
     tiles = [to_8bit(t).convert("RGB") for t in tiles]
     if scale != 1:
         tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
@@ -56,6 +59,11 @@ def make_grid(
     if title:
         ImageDraw.Draw(grid).text((pad, 1), title, fill=(0, 0, 0))
     return grid
+
+
+def _plane(pixels: np.ndarray) -> np.ndarray:
+    """HxWx1 -> HxW (PIL reads a grey image as 2-D); others as they are."""
+    return pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -541,7 +541,40 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class DemoFormat:
+    """One layout the demo data can be written in: its classes and what each unit is."""
+
+    name: str
+    class_names: tuple[str, ...]  # as the layout's ingest names them (index = label)
+    description: str
+
+
+DEMO_FORMATS: dict[str, DemoFormat] = {
+    f.name: f
+    for f in (
+        DemoFormat("idc", ("0", "1"), "H&E-like 50 px RGB patches, Kaggle IDC folders"),
+        DemoFormat(
+            "mias",
+            ("healthy", "benign", "malignant"),
+            "grey 1024 px films and Info.txt, mini-MIAS (synthbreast/data/demo_mammo.py)",
+        ),
+    )
+}
+
+
+def demo_class_names(format_name: str) -> list[str]:
+    """The class names an ingest of the demo data in this layout gives."""
+    if format_name not in DEMO_FORMATS:
+        raise UserError(
+            f"--format {format_name!r} has no demo data; --demo works with "
+            f"{', '.join(DEMO_FORMATS)} (or pass --data FOLDER)"
+        )
+    return list(DEMO_FORMATS[format_name].class_names)
+
+
 def _check_config(config: DemoDataConfig) -> None:
+    demo_class_names(config.format)
     if config.patients < 1:
         raise UserError(f"--patients must be at least 1 (got {config.patients})")
     if config.per_class < 1:
@@ -651,6 +684,8 @@ def write_demo_dataset(
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of a process with our pid
 
     started = time.perf_counter()
+    if config.format == "mias":
+        return _write_mias(config, out, tmp, started, on_progress)
     patients = _patient_ids(config.patients)
     counts = {"0": 0, "1": 0}
     try:
@@ -681,5 +716,39 @@ def write_demo_dataset(
         "patients": patients,
         "counts": counts,
         "images": sum(counts.values()),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _write_mias(
+    config: DemoDataConfig, out: Path, tmp: Path, started: float, on_progress
+) -> dict[str, Any]:
+    """The mias-layout demo: films and Info.txt (data/demo_mammo.py), marker and README,
+    written in tmp and renamed into place like the IDC demo."""
+    from synthbreast.data import demo_mammo
+
+    try:
+        tmp.mkdir()
+        counts = demo_mammo.write_women(tmp, config.patients, config.seed, on_progress)
+        content = {k: v for k, v in to_dict(config).items() if k not in ("out", "overwrite")}
+        marker = {
+            "kind": DEMO_KIND,
+            "real": False,
+            "note": "procedural demo data, not real mammograms",
+            "config": content,
+            "counts": {"patients": config.patients, **counts},
+        }
+        (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        readme = demo_mammo.readme(config.patients, config.seed, out.name)
+        (tmp / DEMO_README).write_text(readme, encoding="utf-8")
+        _check_out(out, config.overwrite)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "out": str(out),
+        "patients": config.patients,
+        "counts": counts,
+        "images": counts["films"],
         "seconds": round(time.perf_counter() - started, 3),
     }

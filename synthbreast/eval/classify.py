@@ -45,13 +45,22 @@ from torch import nn
 
 from synthbreast import __version__
 from synthbreast.config import ClassifyConfig, save_config, to_dict
-from synthbreast.data.shards import decode_image, image_bytes, iter_shard
+from synthbreast.data.shards import (
+    decode_image,
+    image_bytes,
+    iter_shard,
+    load_manifest,
+    manifest_channels,
+    manifest_classes,
+)
 from synthbreast.devices import choose_device
 from synthbreast.errors import UserError
 from synthbreast.eval.metrics import (
     METRICS_SCHEMA,
     classification_metrics,
+    multiclass_metrics,
     predict,
+    predict_classes,
     result_problem,
 )
 from synthbreast.eval.scenarios import (
@@ -80,8 +89,11 @@ from synthbreast.models.classifier import (
     backbone_features,
     backbone_spec,
     build_classifier,
+    grey_input,
     imagenet_weights_path,
+    input_channels,
     load_imagenet_state,
+    model_input_channels,
     set_trainable,
     train_mode,
 )
@@ -153,7 +165,8 @@ def uses_cache(config: ClassifyConfig) -> bool:
 
 @dataclass
 class Samples:
-    """Samples in reading order; `x` holds uint8 images [N, 3, H, W] or features [N, D]."""
+    """Samples in reading order; `x` holds uint8 images [N, C, H, W] (C = 3, or 1 for a model
+    that reads grey) or features [N, D]."""
 
     keys: list[str]
     labels: torch.Tensor  # int64 [N]
@@ -186,8 +199,9 @@ class Samples:
         return {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist(), strict=True)}
 
 
-def read_shard(ref: ShardRef, kind: str) -> Samples:
-    """Decode one shard (checked against its manifest sha256) into uint8 images."""
+def read_shard(ref: ShardRef, kind: str, channels: int = 3) -> Samples:
+    """Decode one shard (checked against its manifest sha256) into uint8 images of `channels`
+    channels: 3 for an RGB stem (grey images replicated into it), 1 for a model reading grey."""
     if not ref.path.is_file():
         raise UserError(f"{ref.path} is missing (listed in {ref.manifest}); rerun its stage")
     if sha256_file(ref.path) != ref.sha256:
@@ -201,11 +215,14 @@ def read_shard(ref: ShardRef, kind: str) -> Samples:
         keys.append(sample["__key__"])
         labels.append(int(sample["cls"]))
         patients.append(str(meta.get("patient", "")) if kind == "real" else "")
-        images.append(np.asarray(decode_image(image_bytes(sample))))
+        images.append(np.asarray(decode_image(image_bytes(sample), channels)))
     sizes = {a.shape for a in images}
     if len(sizes) > 1:
         raise UserError(f"{ref.path} holds images of several sizes {sorted(sizes)}")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    stacked = np.stack(images)
+    if stacked.ndim == 3:  # grey: [N, H, W]
+        stacked = stacked[..., None]
+    x = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
     return Samples(keys, torch.tensor(labels, dtype=torch.long), patients, x)
 
 
@@ -229,16 +246,18 @@ def preprocess(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float, resized to size x size (bilinear, antialiased when
+    """uint8 [N, C, H, W] -> float, resized to size x size (bilinear, antialiased when
     shrinking), normalised with the backbone's mean and std (ImageNet's for torchvision's
-    weights). Resize and normalisation commute."""
+    weights; one grey channel: the mean of the three). Resize and normalisation commute."""
     x = images.to(device, non_blocking=True).float().div_(255)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(
             x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
         )
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    if x.shape[1] == 1 and len(mean) == 3:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean_t = torch.tensor(mean, device=device).view(1, len(mean), 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, len(std), 1, 1)
     return (x - mean_t) / std_t
 
 
@@ -275,6 +294,7 @@ class FeatureCache:
         }
         self.model, self.size, self.device, self.batch_size = model, size, device, batch_size
         self.norm = (backbone_spec(backbone).mean, backbone_spec(backbone).std)
+        self.channels = model_input_channels(model)  # 3, or 1 for cnn4 on grey data
         self.progress, self.log = progress, log
         self.task = None
         self.computed = self.reused = 0
@@ -302,7 +322,7 @@ class FeatureCache:
             if cached is not None:
                 self.reused += 1
                 return cached
-        samples = read_shard(ref, kind)
+        samples = read_shard(ref, kind, self.channels)
         features = self.compute(samples.x)
         self._write(path, ref, samples, features)
         self.computed += 1
@@ -423,11 +443,11 @@ def predict_prob(
     prepare: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
 ) -> np.ndarray:
-    """P(class 1) for every input, in order."""
+    """P(each class) for every input, in order: [N, K] (two classes: P(class 1) is [:, 1])."""
     probs = []
     for start in range(0, len(inputs), batch_size):
         logits = forward(prepare(inputs[start : start + batch_size]))
-        probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(probs).double().numpy()
 
 
@@ -499,24 +519,31 @@ def is_complete(run_dir: Path, config: ClassifyConfig, plan: ScenarioPlan | None
     return True
 
 
-def write_predictions(path: Path, samples: Samples, prob_1: np.ndarray) -> None:
+def write_predictions(path: Path, samples: Samples, probs: np.ndarray) -> None:
+    """One row per test image; two classes: its P(class 1) (`prob_1`), more: P of each class
+    (`prob_0` .. `prob_<K-1>`), and the predicted class."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["key", "patient", "label", "prob_1", "pred"])
-    pred = predict(prob_1)
+    binary = probs.shape[1] == 2
+    columns = ["prob_1"] if binary else [f"prob_{c}" for c in range(probs.shape[1])]
+    writer.writerow(["key", "patient", "label", *columns, "pred"])
+    pred = predict(probs[:, 1]) if binary else predict_classes(probs)
     for i, key in enumerate(samples.keys):
         label = int(samples.labels[i])
-        writer.writerow([key, samples.patients[i], label, f"{prob_1[i]:.6f}", int(pred[i])])
+        values = [probs[i, 1]] if binary else list(probs[i])
+        writer.writerow(
+            [key, samples.patients[i], label, *(f"{v:.6f}" for v in values), int(pred[i])]
+        )
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def write_model(path: Path, model: nn.Module, config: ClassifyConfig) -> None:
-    """The whole state dict: models.classifier.classifier_for_state(backbone) loads it (for the
-    ResNets that is torchvision.models.<backbone>(num_classes=2))."""
+    """The whole state dict: models.classifier.classifier_for_state(backbone, state) loads it
+    (for the ResNets that is torchvision.models.<backbone>(num_classes=K))."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "backbone": config.backbone,
-        "num_classes": "2",
+        "num_classes": str(model.fc.out_features),
         "config": json.dumps(to_dict(config)),
     }
     atomic_write_bytes(path, save_safetensors(state, metadata=metadata))
@@ -607,8 +634,12 @@ def _run(
     imagenet = None
     if config.weights == "imagenet":
         imagenet = load_imagenet_state(config.backbone, config.weights_path)
+    # Classes and channels from the real manifest: 2 classes for IDC, 3 for healthy / benign /
+    # malignant; grey data enters an RGB stem replicated, cnn4 reads it as one channel.
+    class_names, data_channels = task_classes(config, plan)
+    channels = input_channels(config.backbone, data_channels)
     torch.manual_seed(config.seed)
-    model = build_classifier(config.backbone, imagenet).to(device)
+    model = build_classifier(config.backbone, imagenet, len(class_names), channels).to(device)
     parameters = set_trainable(model, config.mode)
 
     # Inputs: cached backbone features (frozen), or uint8 images run through the whole model.
@@ -628,7 +659,11 @@ def _run(
             return x
 
     else:
-        train, test = (load_plan(p, config.seed, read_shard) for p in (plan.train, plan.test))
+
+        def read(ref: ShardRef, kind: str) -> Samples:
+            return read_shard(ref, kind, channels)
+
+        train, test = (load_plan(p, config.seed, read) for p in (plan.train, plan.test))
         forward = model
 
         norm = (backbone_spec(config.backbone).mean, backbone_spec(config.backbone).std)
@@ -636,7 +671,7 @@ def _run(
         def prepare(x: torch.Tensor) -> torch.Tensor:
             return preprocess(x, size, device, *norm)
 
-    check_classes(train, test)
+    check_classes(train, test, class_names)
 
     # Training. The fc alone on the CPU: one thread, since a 512x2 step is too small to share
     # (measured 3x faster on the 2-core dev box when other jobs compete for the cores).
@@ -646,14 +681,20 @@ def _run(
 
     # Test.
     model.eval()
-    prob_1 = predict_prob(forward, test.x, prepare, config.feature_batch_size)
+    probs = predict_prob(forward, test.x, prepare, config.feature_batch_size)
     groups = test.patients if plan.test.patient_level else None
-    measured = classification_metrics(
-        test.labels.numpy(), prob_1, groups, n_boot=config.n_boot, seed=config.seed
-    )
+    if len(class_names) == 2:  # the binary figures, exactly as before (precision of class 1)
+        measured = classification_metrics(
+            test.labels.numpy(), probs[:, 1], groups, n_boot=config.n_boot, seed=config.seed
+        )
+    else:
+        measured = multiclass_metrics(
+            test.labels.numpy(), probs, groups, n_boot=config.n_boot, seed=config.seed,
+            class_names=class_names,
+        )  # fmt: skip
 
     # Outputs; metrics.json last: its presence means the run is complete.
-    write_predictions(run_dir / PREDICTIONS, test, prob_1)
+    write_predictions(run_dir / PREDICTIONS, test, probs)
     write_model(run_dir / MODEL, model, config)
     metrics = {
         "schema": METRICS_SCHEMA,
@@ -678,6 +719,11 @@ def _run(
             "batch_size": config.batch_size,
             "lr": config.lr,
             "cached_features": cached,
+            "num_classes": len(class_names),
+            "data_channels": data_channels,
+            "input_channels": channels,
+            # grey data and an RGB stem: how the channel was made three (None: not needed)
+            "grey_input": grey_input(config.backbone, data_channels),
         },
         **measured,
         "history": history,
@@ -689,6 +735,16 @@ def _run(
         metrics["model"]["feature_cache"] = str(cache.dir)
         metrics["model"]["feature_shards"] = {"computed": cache.computed, "reused": cache.reused}
     atomic_write_json(run_dir / METRICS, metrics)
+
+
+def task_classes(config: ClassifyConfig, plan: ScenarioPlan) -> tuple[list[str], int]:
+    """(class names, channels) of the task: the real folder's manifest, or without one
+    (synth-synth) the first training manifest's."""
+    if config.real:
+        manifest = load_manifest(Path(config.real))
+    else:
+        manifest = read_json(Path(plan.train.manifests()[0]["path"]))
+    return manifest_classes(manifest), manifest_channels(manifest)
 
 
 def check_sizes(plan: ScenarioPlan) -> int | None:
@@ -704,13 +760,16 @@ def check_sizes(plan: ScenarioPlan) -> int | None:
     return next(iter(sizes), None)
 
 
-def check_classes(train: Samples, test: Samples) -> None:
+def check_classes(train: Samples, test: Samples, class_names: list[str] | None = None) -> None:
+    """The training data holds every class of the real manifest (2 unless told)."""
+    wanted = set(range(len(class_names) if class_names else 2))
     classes = set(train.labels.tolist())
-    if classes != {0, 1}:
+    if classes != wanted:
+        missing = sorted(wanted - classes)
         raise UserError(
-            f"the training data has only class {sorted(classes)} ({len(train)} images): a "
-            "classifier needs both; give the synthetic folders of both classes (--synthetic "
-            "OUT/synthetic takes every class folder inside)"
+            f"the training data has only class {sorted(classes)} ({len(train)} images), not "
+            f"{missing}: a classifier needs every class; give the synthetic folders of every "
+            "class (--synthetic OUT/synthetic takes every class folder inside)"
         )
     if len(test) == 0:
         raise UserError("the test data is empty: is the real test pool or the synthetic set empty?")

@@ -28,6 +28,12 @@ Registry (`EXTRACTORS`):
 
 Plus `channels`, used for the histograms: each image's per-channel mean and std (6 numbers).
 
+Grey (1-channel) shards, mammograms: every extractor reads each image as RGB with the grey in
+all three channels (the reader's `channels=3`), the usual way of feeding grey images to
+ImageNet and FID networks; `pixels` and `channels` then hold three equal copies. A classifier
+space trained on one grey channel (cnn4 on grey data) gets that channel back (the mean of the
+three equal ones).
+
 A source is one pool of one shard folder (a manifest); its features are cached in
 OUT/features/<extractor>-<pool>-<key>.safetensors, the key being the sha256 of the manifest,
 the pool, the extractor and its settings (weights' sha256 included). Written atomically.
@@ -78,6 +84,7 @@ from synthbreast.models.classifier import (
     backbone_features,
     backbone_spec,
     classifier_for_state,
+    model_input_channels,
 )
 
 FEATURES_VERSION = 1  # part of every cache key: bump when an extractor's arithmetic changes
@@ -198,15 +205,17 @@ def channels_extractor() -> Extractor:
 
 
 def _normalised(x: torch.Tensor, side: int | None, mean, std) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float, resized to side (bilinear, antialiased when shrinking, as
+    """uint8 [B, C, H, W] -> float, resized to side (bilinear, antialiased when shrinking, as
     synthbreast.eval.classify.preprocess does), normalised by mean and std."""
     x = x.float().div(255)
     if side is not None and x.shape[-2:] != (side, side):
         x = F.interpolate(
             x, size=(side, side), mode="bilinear", align_corners=False, antialias=True
         )
-    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    if x.shape[1] == 1 and len(mean) == 3:  # one grey channel: the mean of the three
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean_t = torch.tensor(mean, device=x.device).view(1, len(mean), 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, len(std), 1, 1)
     return (x - mean_t) / std_t
 
 
@@ -383,7 +392,11 @@ def classifier_from_model(
 ) -> Extractor:
     model.eval().requires_grad_(False)
 
+    grey = model_input_channels(model) == 1  # cnn4 trained on grey data
+
     def embed(x: torch.Tensor) -> torch.Tensor:
+        if grey:  # the images come as RGB copies of the grey (see the module docstring)
+            x = x.float().mean(dim=1, keepdim=True)
         return backbone_features(model, _normalised(x, input_size, *norm))
 
     dim = model.fc.in_features
@@ -413,13 +426,12 @@ def classifier_extractor(run: str | Path | None) -> Extractor:
         )
     if input_size != "native" and not input_size.isdigit():
         raise UserError(f"{config_path}: input_size {input_size!r} is not 'native' or pixels")
-    model = classifier_for_state(backbone)
     try:
-        model.load_state_dict(load_file(weights))
+        state = load_file(weights)
+        model = classifier_for_state(backbone, state)
+        model.load_state_dict(state)
     except Exception as err:
-        raise UserError(
-            f"{weights} is not a {backbone} state dict with a 2-class fc ({err})"
-        ) from err
+        raise UserError(f"{weights} is not a {backbone} classifier state dict ({err})") from err
     side = None if input_size == "native" else int(input_size)
     settings = {
         "backbone": backbone,
@@ -586,7 +598,8 @@ def extract(
     on_images: Callable[[int], None] | None = None,
 ) -> Features:
     """Features of every image of a source, in the order the loader delivers them."""
-    dataset = ShardDataset(list(source.shards), transform=extractor.prepare)
+    # channels=3: grey images replicated into RGB, the one way every extractor reads them
+    dataset = ShardDataset(list(source.shards), transform=extractor.prepare, channels=3)
     workers = min(workers, len(source.shards))
     loader = torch.utils.data.DataLoader(
         dataset,

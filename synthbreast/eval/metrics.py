@@ -1,7 +1,11 @@
 """Classification metrics as pure functions of (labels, P(class 1)), and bootstrap intervals.
 
-Positive class = 1 (IDC+); precision, recall and F1 are those of class 1. A prediction is
-class 1 when P(class 1) > 0.5, which is the argmax of two logits (ties go to class 0).
+Two classes: positive class = 1 (IDC+); precision, recall and F1 are those of class 1. A
+prediction is class 1 when P(class 1) > 0.5, which is the argmax of two logits (ties go to
+class 0). More classes (healthy / benign / malignant): `multiclass_metrics` of (labels, P(every
+class)): the argmax prediction, per-class one-vs-rest AUC, precision, recall, F1 and ROC, their
+macro averages (the headline `roc_auc`, `precision`, `recall`, `f1`), the K x K confusion
+matrix, and the same patient bootstrap for accuracy, the macro AUC and each class's AUC.
 Each function equals scikit-learn's (tests/test_metrics.py checks); they are written out here so
 that the bootstrap can reuse one sort of the scores for its 1,000 resamples.
 """
@@ -13,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-LABELS = (0, 1)
+LABELS = (0, 1)  # the two classes of a binary task (classification_metrics)
 N_BOOT = 1000
 
 
@@ -187,6 +191,149 @@ def classification_metrics(
             ],
         },
         "ci95": bootstrap_ci(y, s, patients, n_boot=n_boot, seed=seed),
+    }
+
+
+# --- any number of classes ---------------------------------------------------------------------
+
+
+def _probabilities(y_true: Sequence[int], probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(y_true).astype(np.int64), np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or y.shape != (len(p),):
+        raise ValueError(f"labels {y.shape} and probabilities {p.shape} must be (N,) and (N, K)")
+    return y, p
+
+
+def predict_classes(probs: Any) -> np.ndarray:
+    """The argmax class of each row (ties go to the lower class, as `predict` for two)."""
+    return np.asarray(probs, dtype=np.float64).argmax(axis=1).astype(np.int64)
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], classes: int) -> list[list[int]]:
+    """K x K counts: rows are the true class, columns the predicted one."""
+    y, p = _arrays(y_true, y_pred)
+    return [[int(np.sum((y == t) & (p == q))) for q in range(classes)] for t in range(classes)]
+
+
+def _macro(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def multiclass_bootstrap_ci(
+    y_true: Sequence[int],
+    probs: Any,
+    groups: Sequence[str] | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile 95% intervals of accuracy, the macro one-vs-rest AUC and each class's AUC,
+    resampling whole patients (with `groups`) or images, as `bootstrap_ci`."""
+    y, p = _probabilities(y_true, probs)
+    classes = p.shape[1]
+    correct = (predict_classes(p) == y).astype(np.float64)
+    if groups is None:
+        group_of, n_groups = np.arange(len(y)), len(y)
+    else:
+        names, group_of = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        group_of, n_groups = group_of.ravel(), len(names)
+    ranks = []
+    for c in range(classes):
+        distinct, rank = np.unique(p[:, c], return_inverse=True)
+        ranks.append((rank.ravel(), len(distinct), (y == c).astype(np.int64)))
+    rng = np.random.default_rng(seed)
+    accuracies, aucs = np.empty(n_boot), np.full((n_boot, classes), np.nan)
+    for b in range(n_boot):
+        drawn = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        weight = drawn[group_of].astype(np.float64)
+        accuracies[b] = np.sum(weight * correct) / np.sum(weight)
+        for c, (rank, n_ranks, positive) in enumerate(ranks):
+            aucs[b, c] = _auc_from_ranks(rank, n_ranks, positive, weight)
+
+    def interval(values: np.ndarray, defined: bool) -> list[float] | None:
+        values = values[~np.isnan(values)]  # resamples without both sides have no AUC
+        if not defined or len(values) < n_boot // 2:
+            return None
+        return np.percentile(values, [2.5, 97.5]).tolist()
+
+    present = [bool(np.any(y == c)) and bool(np.any(y != c)) for c in range(classes)]
+    with np.errstate(all="ignore"):
+        macro = np.nanmean(np.where(present, aucs, np.nan), axis=1) if any(present) else None
+    return {
+        "method": "patient bootstrap" if groups is not None else "image bootstrap",
+        "n_boot": n_boot,
+        "seed": seed,
+        "groups": n_groups,
+        "accuracy": np.percentile(accuracies, [2.5, 97.5]).tolist(),
+        "roc_auc": interval(macro, True) if macro is not None else None,
+        "per_class_roc_auc": [interval(aucs[:, c], present[c]) for c in range(classes)],
+    }
+
+
+def multiclass_metrics(
+    y_true: Sequence[int],
+    probs: Any,
+    patients: Sequence[str] | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Every metric field of a classify run's metrics.json for K >= 2 classes from P(each class)
+    (N, K). The headline precision, recall, F1 and `roc_auc` are macro averages over the classes
+    (AUC: over those the test set holds, one-vs-rest); `per_class` has each class's figures and
+    ROC, `ci95` the patient bootstrap of accuracy, macro AUC and each class's AUC."""
+    y, p = _probabilities(y_true, probs)
+    if len(y) == 0:
+        raise ValueError("no test images: nothing to measure")
+    classes = p.shape[1]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(classes)]
+    pred = predict_classes(p)
+    counts = confusion_matrix(y, pred, classes)
+    ci = multiclass_bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed)
+    per_class = []
+    for c in range(classes):
+        positive, predicted = (y == c).astype(np.int64), (pred == c).astype(np.int64)
+        roc = roc_curve(positive, p[:, c])
+        roc["thresholds"] = [t if np.isfinite(t) else None for t in roc["thresholds"]]
+        per_class.append(
+            {
+                "class": c,
+                "name": names[c],
+                "support": int(positive.sum()),
+                "precision": precision(positive, predicted),
+                "recall": recall(positive, predicted),
+                "f1": f1(positive, predicted),
+                "roc_auc": roc_auc(positive, p[:, c]),
+                "roc_auc_ci95": ci["per_class_roc_auc"][c],
+                "roc": roc,
+            }
+        )
+    macro = {
+        key: _macro([row[key] for row in per_class])
+        for key in ("precision", "recall", "f1", "roc_auc")
+    }
+    recalls = [row[i] / sum(row) for i, row in enumerate(counts) if sum(row)]
+    return {
+        "accuracy": accuracy(y, pred),
+        "precision": macro["precision"],
+        "recall": macro["recall"],
+        "f1": macro["f1"],
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
+        "roc_auc": macro["roc_auc"],
+        "averaging": "macro over classes, one-vs-rest",
+        "class_names": names,
+        "per_class": per_class,
+        "macro": macro,
+        "roc": None,  # one curve per class: per_class[c]["roc"]
+        "confusion": {
+            "labels": list(range(classes)),
+            "names": names,
+            "counts": counts,
+            "row_percent": [
+                [100 * n / sum(row) if sum(row) else 0.0 for n in row] for row in counts
+            ],
+        },
+        "ci95": ci,
     }
 
 

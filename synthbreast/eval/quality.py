@@ -13,6 +13,9 @@ texture descriptor (the std pools are Gram-like statistics), they need no downlo
 seed gives the same net on every machine, and they cost ~7 ms per image on one CPU core. A flat
 colour has zero spatial std in every channel of every layer: it lands far from real tissue, and
 a set of identical images has zero spread.
+Grey (1-channel) images are replicated to 3 equal channels at the net's input, the way every
+extractor here reads grey (synthbreast/eval/features.py, `as_rgb`): a grey mammogram and its
+RGB copy give the same features.
 
 Figures (keys of `quality_metrics`):
 - `kid`: KID (x1000) between the two feature sets (unbiased MMD^2, polynomial kernel);
@@ -77,7 +80,7 @@ class TextureNet(nn.Module):
         return 2 * (3 + sum(TEXTURE_WIDTHS))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
+        x = as_rgb(x.float())
         if x.shape[-2:] != (TEXTURE_SIDE, TEXTURE_SIDE):
             x = F.interpolate(x, size=(TEXTURE_SIDE, TEXTURE_SIDE), mode="bilinear",
                               align_corners=False, antialias=True)  # fmt: skip
@@ -88,8 +91,16 @@ class TextureNet(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
+def as_rgb(images: Tensor) -> Tensor:
+    """[B, 1, H, W] grey -> [B, 3, H, W], the grey in every channel; RGB as it is. The one
+    rule by which every feature extractor reads 1-channel images (mammograms)."""
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    return images
+
+
 def uint8_to_unit(images: Tensor) -> Tensor:
-    """uint8 [B, 3, H, W] -> float in [-1, 1], the generator's range."""
+    """uint8 [B, C, H, W] -> float in [-1, 1], the generator's range."""
     return images.float().div(127.5).sub(1.0)
 
 

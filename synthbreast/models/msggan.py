@@ -61,6 +61,9 @@ class MSGGANConfig:
     # be drawn from the latent, which a narrow model otherwise spends its capacity on
     g_noise: bool = False
     num_classes: int = 0  # 0: unconditional (msggan); >= 2: conditional (msggan-cond)
+    # channels of the images G draws and D reads: 3 (RGB histology) or 1 (grey mammograms);
+    # checkpoints written before the field have none and are RGB
+    image_channels: int = 3
 
     def __post_init__(self) -> None:
         res = self.resolution
@@ -76,6 +79,8 @@ class MSGGANConfig:
             raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
         if self.num_classes == 1 or self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or >= 2: {self.num_classes}")
+        if self.image_channels not in (1, 3):
+            raise ValueError(f"image_channels must be 1 or 3, got {self.image_channels}")
 
     @property
     def conditional(self) -> bool:
@@ -273,7 +278,7 @@ def one_hot(labels: Tensor | None, embed: EqualizedLinear, like: Tensor) -> Tens
 
 class Generator(nn.Module):
     """z (N, latent_dim) [+ labels (N,)] -> [image at 4x4, 8x8, ..., resolution], each
-    (N, 3, s, s), linear. `sample` gives the top scale alone."""
+    (N, image_channels, s, s), linear. `sample` gives the top scale alone."""
 
     def __init__(self, config: MSGGANConfig) -> None:
         super().__init__()
@@ -292,7 +297,8 @@ class Generator(nn.Module):
             for s in scales[1:]
         )
         self.to_rgb = nn.ModuleList(
-            EqualizedConv2d(config.channels(s), 3, 1, gain=LINEAR_GAIN) for s in scales
+            EqualizedConv2d(config.channels(s), config.image_channels, 1, gain=LINEAR_GAIN)
+            for s in scales
         )
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> list[Tensor]:
@@ -306,7 +312,8 @@ class Generator(nn.Module):
     def sample(
         self, z: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Images (N, 3, resolution, resolution) in about [-1, 1]: what generate writes.
+        """Images (N, image_channels, resolution, resolution) in about [-1, 1]: what generate
+        writes.
 
         The lower scales' to_rgb are skipped: only the top image is kept. `generator` (a CPU
         torch.Generator) draws the per-pixel noise of a `g_noise` model reproducibly."""
@@ -366,12 +373,12 @@ class Discriminator(nn.Module):
         super().__init__()
         self.config = config
         scales = config.scales()
-        top, rgb = scales[-1], config.rgb_channels
-        self.from_rgb_top = EqualizedConv2d(3, config.channels(top), 1)
+        top, rgb, image = scales[-1], config.rgb_channels, config.image_channels
+        self.from_rgb_top = EqualizedConv2d(image, config.channels(top), 1)
         # from_rgb of the scales below the top, ascending (4 .. top/2). The 4x4 one is one
         # channel narrower because minibatch std fills the last of its slots.
         self.from_rgb = nn.ModuleList(
-            EqualizedConv2d(3, rgb - 1 if s == 4 else rgb, 1) for s in scales[:-1]
+            EqualizedConv2d(image, rgb - 1 if s == 4 else rgb, 1) for s in scales[:-1]
         )
         # blocks ascending by the side they read (8 .. top); the top one has no image to add
         self.blocks = nn.ModuleList(

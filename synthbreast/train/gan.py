@@ -13,6 +13,7 @@ and the G step runs D frozen, which DDP would try to synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,14 +25,20 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
 from synthbreast.config import TrainGANConfig, save_config
-from synthbreast.data.reader import READ_ERRORS, ShardDataset, find_unreadable
-from synthbreast.data.shards import MANIFEST, load_manifest, pool_count, pool_shards, verify_pool
+from synthbreast.data.reader import READ_ERRORS, ShardDataset, find_unreadable, to_uint8_tensor
+from synthbreast.data.shards import (
+    MANIFEST,
+    load_manifest,
+    manifest_channels,
+    pool_count,
+    pool_shards,
+    verify_pool,
+)
 from synthbreast.errors import UserError
 from synthbreast.fileio import atomic_write_bytes, sha256_file
 from synthbreast.images import make_grid, save_png
@@ -172,7 +179,9 @@ def validate(config: TrainGANConfig) -> GANSpec:
     return spec
 
 
-def model_config(config: TrainGANConfig, spec: GANSpec, num_classes: int) -> Any:
+def model_config(
+    config: TrainGANConfig, spec: GANSpec, num_classes: int, image_channels: int = 3
+) -> Any:
     try:
         return spec.config_type(
             resolution=config.resolution,
@@ -182,6 +191,7 @@ def model_config(config: TrainGANConfig, spec: GANSpec, num_classes: int) -> Any
             g_upsample=config.g_upsample,
             g_noise=config.g_noise,
             num_classes=num_classes if spec.conditional else 0,
+            image_channels=image_channels,  # the shards' channels: 1 for grey mammograms
         )
     except ValueError as err:
         raise UserError(f"model settings: {err}") from None
@@ -213,10 +223,11 @@ def choose_run_dir(config: TrainGANConfig) -> tuple[Path, Path | None]:
 
 
 def image_transform(resolution: int):
-    """PIL RGB -> float [-1, 1] tensor at the model's resolution (IDC 50 px -> 64 px)."""
+    """PIL RGB or grey -> float [-1, 1] tensor [C, H, W] at the model's resolution (IDC
+    50 px -> 64 px); a grey 'L' image stays one channel."""
 
     def transform(img):
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        x = to_uint8_tensor(img).float().div_(127.5).sub_(1.0)
         if x.shape[-1] != resolution or x.shape[-2] != resolution:
             x = F.interpolate(
                 x[None], size=(resolution, resolution), mode="bilinear", antialias=True
@@ -342,6 +353,9 @@ def set_rng_state(state: dict[str, Any], latent_rng: torch.Generator) -> None:
 
 
 def check_compatible(saved: dict[str, Any], model: Any, path: Path) -> None:
+    # fields added since (image_channels) take their defaults, as the model had them then
+    with contextlib.suppress(ValueError, TypeError):
+        saved = type(model).from_dict(saved).to_dict()
     if saved != model.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.to_dict().items() if saved.get(k) != v}
         raise UserError(
@@ -515,7 +529,7 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
     # Models: the same seed on every rank gives the same initial weights.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = model_config(config, spec, num_classes)
+    model = model_config(config, spec, num_classes, manifest_channels(manifest))
     G, D = spec.generator(model).to(device), spec.discriminator(model).to(device)
     G_ema = make_ema(G)
     opt_G = make_optimizer(config.optimizer, G.parameters(), config.lr)
