@@ -1141,6 +1141,10 @@ def build_document(collected: Collected, config: ReportConfig) -> tuple[Document
     warn(doc, [*collapse, *gap])
     scenario_section(doc, collected, rows, [*collapse, *gap])
     roc_section(doc, collected, collapse)
+    from synthbreast.report.per_class import grey_input_note, per_class_section  # imports us
+
+    per_class_section(doc, collected, collapse)  # more than two classes only
+    grey_input_note(doc, collected)
     confusion_section(doc, collected, collapse)
     grids_section(doc, collected, config, collapse)
     gan_section(doc, collected)
