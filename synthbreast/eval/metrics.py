@@ -12,6 +12,7 @@ that the bootstrap can reuse one sort of the scores for its 1,000 resamples.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -257,7 +258,8 @@ def multiclass_bootstrap_ci(
         return np.percentile(values, [2.5, 97.5]).tolist()
 
     present = [bool(np.any(y == c)) and bool(np.any(y != c)) for c in range(classes)]
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a resample without both sides of every class: nan
+        warnings.simplefilter("ignore", RuntimeWarning)
         macro = np.nanmean(np.where(present, aucs, np.nan), axis=1) if any(present) else None
     return {
         "method": "patient bootstrap" if groups is not None else "image bootstrap",
