@@ -48,21 +48,19 @@ def time_loader(loader) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patients", type=int, default=100)
-    parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    work = args.dir or Path(tempfile.mkdtemp(prefix="synthbreast-bench-"))
+def measure(
+    patients: int = 100,
+    per_class: int = 100,
+    workers: int = 2,
+    batch: int = 64,
+    work: Path | None = None,
+) -> dict[str, float]:
+    """img/s of the decode ceiling, ingest, shard streaming and a folder of PNGs."""
+    work = work or Path(tempfile.mkdtemp(prefix="synthbreast-bench-"))
     demo, shards = work / "demo", work / "shards"
     if not demo.exists():
         start = time.perf_counter()
-        write_demo_dataset(DemoDataConfig(str(demo), args.patients, args.per_class, seed=0))
+        write_demo_dataset(DemoDataConfig(str(demo), patients, per_class, seed=0))
         print(f"demo data: {time.perf_counter() - start:.1f} s", flush=True)
     files = sorted(demo.rglob("*.png"))
     n = len(files)
@@ -76,33 +74,55 @@ def main() -> None:
 
     # 2. Ingest (check every image in `workers` processes, then write shards).
     manifest = run_ingest(
-        IngestConfig(src=str(demo), out=str(shards), workers=args.workers, overwrite=True)
+        IngestConfig(src=str(demo), out=str(shards), workers=workers, overwrite=True)
     )
     ingest_rate = manifest["totals"]["images"] / manifest["seconds"]
 
     # 3. Streaming the shards vs 4. one PNG file per sample, same workers and batch.
     names = [s["name"] for s in load_manifest(shards)["shards"]]
     stream = ShardDataset([shards / name for name in names], shuffle=True, seed=0)
-    loader = torch.utils.data.DataLoader(stream, batch_size=args.batch, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers)
     folder = torch.utils.data.DataLoader(
-        PngFolder(files), batch_size=args.batch, num_workers=args.workers, shuffle=True
+        PngFolder(files), batch_size=batch, num_workers=workers, shuffle=True
     )
     time_loader(loader)  # warm the page cache for both, equally
     stream_s, stream_n = time_loader(loader)
     folder_s, folder_n = time_loader(folder)
     assert stream_n == folder_n == n, (stream_n, folder_n, n)
-    stream_rate, folder_rate = n / stream_s, n / folder_s
+    return {
+        "images": n,
+        "workers": workers,
+        "batch": batch,
+        "decode": decode_rate,
+        "ingest": ingest_rate,
+        "stream": n / stream_s,
+        "folder": n / folder_s,
+        "work": str(work),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=100)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    r = measure(args.patients, args.per_class, args.workers, args.batch, args.dir)
+    n, decode_rate, stream_rate, folder_rate = r["images"], r["decode"], r["stream"], r["folder"]
 
     print(f"\n{n:,} patches of 50x50, {args.workers} workers, batch {args.batch}")
     print(f"{'what':<44}{'img/s':>10}")
     print(f"{'raw PNG decode, 1 core (ceiling per worker)':<44}{decode_rate:>10,.0f}")
-    print(f"{'synthbreast ingest (check + write shards)':<44}{ingest_rate:>10,.0f}")
+    print(f"{'synthbreast ingest (check + write shards)':<44}{r['ingest']:>10,.0f}")
     print(f"{'shard streaming (ShardDataset)':<44}{stream_rate:>10,.0f}")
     print(f"{'folder of PNGs (one open per sample)':<44}{folder_rate:>10,.0f}")
     print(f"streaming / folder loader: {stream_rate / folder_rate:.2f}x")
     per_worker = stream_rate / args.workers / decode_rate
     print(f"streaming per worker / decode ceiling: {per_worker:.0%}")
-    print(f"work folder: {work}")
+    print(f"work folder: {r['work']}")
 
 
 if __name__ == "__main__":
