@@ -504,7 +504,11 @@ def train_gan(
         _Opt[str], typer.Option(help="Generator upsampling: nearest (paper) or bilinear.")
     ] = None,
     g_noise: Annotated[
-        _Opt[bool], typer.Option(help="Per-pixel noise after each generator conv (StyleGAN).")
+        _Opt[str],
+        typer.Option(
+            help="Per-pixel noise in G (StyleGAN): none (paper), all blocks, or coarse (all "
+            "but the top block: no pixel speckle)."
+        ),
     ] = None,
     batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
     optimizer: Annotated[

@@ -143,7 +143,7 @@ class TrainGANConfig:
     width: float = 1.0  # channel multiplier: 1.0 = the paper; smaller for CPUs
     g_padding: str = "zeros"  # generator conv padding: zeros (the paper) | reflect
     g_upsample: str = "nearest"  # generator x2 upsampling: nearest (the paper) | bilinear
-    g_noise: bool = False  # per-pixel noise after each generator conv (StyleGAN); not the paper
+    g_noise: str = "none"  # per-pixel noise in G (StyleGAN): none (the paper) | all | coarse
     batch_size: int = 16
     optimizer: str = "rmsprop"  # rmsprop (the paper) | adam (betas 0, 0.99: official MSG-GAN)
     lr: float = 1e-4

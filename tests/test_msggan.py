@@ -172,7 +172,7 @@ def test_reflect_padding_keeps_shapes_and_parameters_and_changes_the_border():
 
 def test_noise_starts_silent_is_reproducible_with_a_generator_and_varies_without():
     plain = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16)
-    noisy = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16, g_noise=True)
+    noisy = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16, g_noise="all")
     torch.manual_seed(0)
     G0, G1 = Generator(plain), Generator(noisy)
     missing, unexpected = G1.load_state_dict(G0.state_dict(), strict=False)
@@ -194,3 +194,11 @@ def test_noise_starts_silent_is_reproducible_with_a_generator_and_varies_without
     top = G1(z)[-1]
     torch.manual_seed(5)
     assert torch.allclose(top, G1(z)[-1])
+
+
+def test_coarse_noise_leaves_the_top_block_noiseless():
+    config = MSGGANConfig(resolution=32, latent_dim=32, width=1 / 16, g_noise="coarse")
+    G = Generator(config)
+    assert [block.noise1 is not None for block in G.blocks] == [True, True, False]
+    with pytest.raises(ValueError, match="g_noise"):
+        MSGGANConfig(g_noise="everywhere")

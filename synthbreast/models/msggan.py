@@ -35,6 +35,7 @@ from torch import Tensor, nn
 LRELU_SLOPE = 0.2
 RELU_GAIN = math.sqrt(2.0)  # He gain for layers followed by LeakyReLU
 LINEAR_GAIN = 1.0  # to_rgb and the discriminator's score are linear (as in ProGAN)
+G_NOISE = ("none", "all", "coarse")  # where the generator adds per-pixel noise
 
 
 @dataclass
@@ -56,10 +57,11 @@ class MSGGANConfig:
     # the generator's x2 upsampling: "nearest" (ProGAN, the official MSG-GAN) or "bilinear",
     # which does not hand the next conv blocky 2x2 copies to turn into grid artefacts
     g_upsample: str = "nearest"
-    # per-pixel noise added after every generator conv, scaled per channel by a learnt weight
-    # that starts at 0 (StyleGAN): fine stochastic detail (chromatin, fibre texture) need not
-    # be drawn from the latent, which a narrow model otherwise spends its capacity on
-    g_noise: bool = False
+    # per-pixel noise added after generator convs, scaled per channel by a learnt weight that
+    # starts at 0 (StyleGAN): stochastic detail need not be drawn from the latent. "all": every
+    # block; "coarse": every block but the top one, so the noise shapes structure at half the
+    # output side and up but leaves no pixel-level speckle in the image; "none" (the paper)
+    g_noise: str = "none"
     num_classes: int = 0  # 0: unconditional (msggan); >= 2: conditional (msggan-cond)
     # channels of the images G draws and D reads: 3 (RGB histology) or 1 (grey mammograms);
     # checkpoints written before the field have none and are RGB
@@ -75,6 +77,8 @@ class MSGGANConfig:
             raise ValueError(f"g_padding must be zeros, reflect or replicate: {self.g_padding}")
         if self.g_upsample not in ("nearest", "bilinear"):
             raise ValueError(f"g_upsample must be nearest or bilinear: {self.g_upsample}")
+        if self.g_noise not in G_NOISE:
+            raise ValueError(f"g_noise must be one of {', '.join(G_NOISE)}: {self.g_noise}")
         if self.rgb_channels < 2:
             raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
         if self.num_classes == 1 or self.num_classes < 0:
@@ -292,7 +296,7 @@ class Generator(nn.Module):
                 config.channels(s),
                 pad,
                 config.g_upsample,
-                config.g_noise,
+                noise=config.g_noise == "all" or (config.g_noise == "coarse" and s < scales[-1]),
             )
             for s in scales[1:]
         )
