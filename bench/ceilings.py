@@ -248,13 +248,14 @@ def feature_pass(images: int, size: int, batch: int) -> dict[str, float]:
     }
 
 
-def training_step_fraction(small: bool, iters: int) -> dict[str, float]:
+def training_step_fraction(small: bool, iters: int, batch: int | None) -> dict[str, float]:
     """The synthbreast MSG-GAN step's FLOP rate against the conv rate of its own shapes
     (bench/peer_msggan.py prints the same beside the peer)."""
     from peer_msggan import SelfStep, Settings, count_flops, step_conv_shapes
 
     settings = Settings.small() if small else Settings()
-    counted = replace(settings, batch=2)
+    settings = replace(settings, batch=batch or settings.batch)
+    counted = replace(settings, batch=min(2, settings.batch))
     per_image = count_flops(SelfStep(counted)) / counted.batch
     step = SelfStep(settings)
     step()  # warm-up
@@ -273,6 +274,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=parts, default=parts)
     parser.add_argument("--small", action="store_true", help="reduced sizes: a smoke test")
     parser.add_argument("--iters", type=int, default=1, help="timed training iterations")
+    parser.add_argument("--batch", type=int, help="the training step's batch [16; small: 4]")
     args = parser.parse_args()
     small = args.small
     print(machine_line())
@@ -288,11 +290,13 @@ def main() -> None:
     if "conv" in args.only:
         from peer_msggan import Settings, step_conv_shapes
 
-        shapes = step_conv_shapes(Settings.small() if small else Settings())
+        settings = Settings.small() if small else Settings()
+        shapes = step_conv_shapes(replace(settings, batch=args.batch or settings.batch))
         for dtype in (torch.float32, torch.bfloat16):
-            rate = conv_rate(shapes, dtype)
+            rate = conv_rate(shapes, dtype, reps=1)
             print(
-                f"conv fwd+bwd, MSG-GAN step's {len(shapes)} shapes, "
+                f"conv fwd+bwd, MSG-GAN step's {len(shapes)} shapes at batch "
+                f"{next(iter(shapes)).input[0]}, "
                 f"{str(dtype).removeprefix('torch.'):<8} {rate:8.1f} GFLOP/s"
             )
 
@@ -311,7 +315,7 @@ def main() -> None:
         )
 
     if "step" in args.only:
-        r = training_step_fraction(small, args.iters)
+        r = training_step_fraction(small, args.iters, args.batch)
         print(
             f"MSG-GAN step {'(small)' if small else '(paper config, fp32)'}: "
             f"{r['achieved']:.1f} GFLOP/s of a {r['ceiling']:.1f} GFLOP/s conv ceiling of its "
@@ -331,7 +335,7 @@ def main() -> None:
     if "stream" in args.only:
         from ingest_and_stream import measure
 
-        r = measure(patients=4 if small else 20, per_class=25 if small else 100, workers=2)
+        r = measure(patients=4 if small else 10, per_class=25 if small else 50, workers=2)
         print(
             f"shard streaming: {r['stream']:.0f} img/s with {r['workers']} workers = "
             f"{r['stream'] / r['workers']:.0f} per worker, "

@@ -100,10 +100,15 @@ class Results:
 # --- 1. speed ------------------------------------------------------------------------------
 
 
+D_COMPILE_FAILED: list[str] = []  # why D could not be compiled, once found: not retried
+
+
 def measure_speed(settings: Settings, seconds: float, warmup: int) -> dict:
     """img/s of one step config; falls back from compiling G and D to G alone."""
     device = torch.device(settings.device)
-    note = ""
+    if settings.compile == "GD" and D_COMPILE_FAILED:
+        settings = replace(settings, compile="G")
+    note = f"D not compiled: {D_COMPILE_FAILED[0]}" if D_COMPILE_FAILED else ""
     step = SelfStep(settings)
     try:
         for _ in range(warmup):
@@ -111,7 +116,8 @@ def measure_speed(settings: Settings, seconds: float, warmup: int) -> dict:
     except Exception as err:
         if settings.compile != "GD":
             raise
-        note = f"D not compiled ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        D_COMPILE_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+        note = f"D not compiled: {D_COMPILE_FAILED[0]}"
         torch._dynamo.reset()
         step = SelfStep(replace(settings, compile="G"))
         for _ in range(warmup):
@@ -232,7 +238,7 @@ def markdown(data: dict) -> str:
         mem = f"{r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "n/a"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
         rows.append(
-            f"| {r['batch']} | {r['mode']} | {r['img_s']:,.0f} | {r['s_per_kimg']:.2f} | {mem} "
+            f"| {r['batch']} | {r['mode']} | {r['img_s']:,.4g} | {r['s_per_kimg']:,.4g} | {mem} "
             f"| {mfu} | {r['compiled']} |"
         )
     if "penalty" in data:
@@ -270,12 +276,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device, seconds")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="[16 64 256]")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--seconds", type=float, default=None, help="timed per config [8]")
+    parser.add_argument("--seconds", type=float, default=None, help="timed per config [5]")
     parser.add_argument("--train-seconds", type=float, default=None, help="real training [120]")
     parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--real", type=Path, default=Path(REAL_SAMPLE), help="sample to ingest")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-paper-work"))
-    parser.add_argument("--budget", type=float, default=420, help="stop stage 1 after [420] s")
+    parser.add_argument("--budget", type=float, help="stage 1 stops after [270 s; smoke: none]")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -283,10 +289,11 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     base = Settings(device=str(device))
-    batches, seconds, warmup, train_seconds = [16, 64, 256], 8.0, 3, 120.0
+    batches, seconds, warmup, train_seconds = [16, 64, 256], 5.0, 3, 120.0
     if args.smoke:
         base = replace(Settings.small(), device=str(device))
         batches, seconds, warmup, train_seconds = [2, 4], 0.2, 1, 5.0
+    budget = args.budget or (float("inf") if args.smoke else 270.0)
     batches = args.batches or batches
     seconds = args.seconds or seconds
     train_seconds = args.train_seconds or train_seconds
@@ -303,36 +310,39 @@ def main() -> None:
     print(f"{name}: {flops / 1e9:.2f} GFLOP/img/iteration; peak bf16 {peak or 'n/a'}", flush=True)
 
     # 1. speed
-    for batch in batches:
-        for mode in args.modes:
-            if time.perf_counter() - started > args.budget:
-                results.data["errors"].append(f"batch {batch} {mode}: skipped, over --budget")
-                continue
-            settings = replace(base, batch=batch, **MODES[mode])
-            try:
-                r = measure_speed(settings, seconds, warmup)
-            except Exception as err:
-                results.data["errors"].append(f"batch {batch} {mode}: {type(err).__name__}: {err}")
-                traceback.print_exc()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            r.update(batch=batch, mode=mode, mfu=flops * r["img_s"] / peak if peak else None)
-            results.data["speed"].append(r)
-            results.save()
-            print(json.dumps(r), flush=True)
+    # eager modes first, then the compiled ones from the largest batch (compiling is slow)
+    eager = [(b, m) for b in batches for m in args.modes if not MODES[m]["compile"]]
+    compiled = [(b, m) for b in reversed(batches) for m in args.modes if MODES[m]["compile"]]
+    for batch, mode in eager + compiled:
+        if time.perf_counter() - started > budget:
+            results.data["errors"].append(f"batch {batch} {mode}: skipped, over --budget")
+            continue
+        settings = replace(base, batch=batch, **MODES[mode])
+        try:
+            r = measure_speed(settings, seconds, warmup)
+        except Exception as err:
+            results.data["errors"].append(f"batch {batch} {mode}: {type(err).__name__}: {err}")
+            traceback.print_exc()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            continue
+        r.update(batch=batch, mode=mode, mfu=flops * r["img_s"] / peak if peak else None)
+        results.data["speed"].append(r)
+        results.save()
+        print(json.dumps(r), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    # 2. the penalty under bf16, 3. a short real training (best effort: errors recorded)
-    stages = [
-        ("penalty", lambda: penalty_check(replace(base, batch=batches[0]))),
-        ("training", lambda: real_training(args, train_settings, train_img_s, train_seconds)),
-    ]  # fmt: skip
+    # 2. the penalty under bf16, 3. a short real training (best effort: errors recorded);
+    # the training's length in kimg comes from the bf16 speed at its batch
     train_settings = replace(base, batch=args.train_batch if not args.smoke else 4, bf16=True)
     bf16_rows = [r for r in results.data["speed"] if r["mode"] == "bf16"]
     same = [r for r in bf16_rows if r["batch"] == train_settings.batch] or bf16_rows
     train_img_s = same[0]["img_s"] if same else 10.0
+    stages = [
+        ("penalty", lambda: penalty_check(replace(base, batch=batches[0]))),
+        ("training", lambda: real_training(args, train_settings, train_img_s, train_seconds)),
+    ]
     for key, stage in stages:
         try:
             results.data[key] = stage()
