@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -97,12 +98,15 @@ def main() -> None:
     for s in summary["scales"]:
         h, w = s["size"]
         print(
-            f"scale {s['scale']}: {h}x{w}  {s['seconds']:7.1f} s  "
+            f"scale {s['scale']}: {h}x{w}  {s['seconds']:7.1f} s wall  "
+            f"{s.get('cpu_seconds', float('nan')):7.1f} s CPU  "
             f"rec_mse {s['last'].get('rec_mse', float('nan')):.4f}"
         )
+    cpu = summary.get("cpu_seconds", float("nan"))
     print(
-        f"total {total:.1f} s ({total / 60:.1f} min) for {len(summary['scales'])} scales x "
-        f"{config.iterations} iterations"
+        f"total {total:.1f} s wall ({total / 60:.1f} min), {cpu:.1f} s CPU ({cpu / 60:.1f} min) "
+        f"for {len(summary['scales'])} scales x {config.iterations} iterations; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     (model_dir / "model.json").write_text(json.dumps({**summary, "channels": channels}, indent=2))
     G = load_model(model_dir)[0]

@@ -96,8 +96,8 @@ STOPPED = 143  # exit status after a SIGTERM/SIGUSR1 checkpoint (128 + SIGTERM)
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": dict(max_size=48, min_size=16, scale_factor_init=0.5, nfc=8, max_nfc=8, layers=3,
                  iterations=40, d_steps=1, g_steps=1, lr=2e-3, checkpoint_every=10),
-    "small": dict(max_size=128, min_size=25, scale_factor_init=0.75, nfc=16, max_nfc=32,
-                  layers=5, iterations=400, d_steps=2, g_steps=2, lr=5e-4,
+    "small": dict(max_size=128, min_size=25, scale_factor_init=0.75, nfc=16, max_nfc=16,
+                  layers=5, iterations=300, d_steps=2, g_steps=2, lr=5e-4,
                   checkpoint_every=50),
     "paper": dict(max_size=250, min_size=25, scale_factor_init=0.75, nfc=32, max_nfc=128,
                   layers=5, iterations=2000, d_steps=3, g_steps=3, lr=5e-4,
@@ -404,10 +404,15 @@ def _train_model(config, image, model_dir, device, progress, say) -> dict[str, A
         "model": arch.to_dict(),
         "noise_amp": G.noise_amp.tolist(),
         "scales": [
-            {k: s[k] for k in ("scale", "size", "seconds", "iterations", "last") if k in s}
+            {
+                k: s[k]
+                for k in ("scale", "size", "seconds", "cpu_seconds", "iterations", "last")
+                if k in s
+            }
             for s in stats
         ],
         "seconds": round(sum(s.get("seconds", 0.0) for s in stats), 2),
+        "cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in stats), 2),
         "device": str(device),
     }
     return summary
@@ -453,7 +458,7 @@ def train_scale(config, G, Ds, reals, scale, model_dir, device, stop, progress, 
             G.noise_amp[scale] = config.noise_amp_init * rmse
     rec_noise = G.z_rec if scale == 0 else torch.zeros_like(real)
 
-    start, seconds = 0, 0.0
+    start, seconds, cpu_seconds = 0, 0.0, 0.0
     ckpt = _latest_checkpoint(model_dir, scale)
     if ckpt is not None:
         state = ckpt["state"]
@@ -463,6 +468,7 @@ def train_scale(config, G, Ds, reals, scale, model_dir, device, stop, progress, 
         opt_D.load_state_dict(state["opt_D"])
         rng.set_state(state["rng"])
         start, seconds = state["iteration"], state["seconds"]
+        cpu_seconds = state.get("cpu_seconds", 0.0)
         say(f"{model_dir.name}: scale {scale} resumes at iteration {start}")
 
     def score(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -478,8 +484,8 @@ def train_scale(config, G, Ds, reals, scale, model_dir, device, stop, progress, 
     def noise() -> torch.Tensor:
         return torch.randn(real.shape, generator=rng).to(device)
 
-    def checkpoint(iteration: int, elapsed: float) -> None:
-        state = {"scale": scale, "iteration": iteration, "seconds": elapsed,
+    def checkpoint(iteration: int, elapsed: float, cpu: float) -> None:
+        state = {"scale": scale, "iteration": iteration, "seconds": elapsed, "cpu_seconds": cpu,
                  "G": gen.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                  "opt_D": opt_D.state_dict(), "rng": rng.get_state(),
                  "config": to_dict(config)}  # fmt: skip
@@ -494,7 +500,9 @@ def train_scale(config, G, Ds, reals, scale, model_dir, device, stop, progress, 
             completed=start,
         )
     last: dict[str, float] = {}
-    began = time.perf_counter()
+    # wall time, and this process's CPU time: on a loaded machine the second is what the
+    # scale would take alone (one thread)
+    began, began_cpu = time.perf_counter(), time.process_time()
     for iteration in range(start, config.iterations):
         lr = learning_rate(config, iteration)
         for opt in (opt_G, opt_D):
@@ -534,13 +542,15 @@ def train_scale(config, G, Ds, reals, scale, model_dir, device, stop, progress, 
             last = {"d_loss": stats_d["d_loss"], "wasserstein": stats_d["wasserstein"],
                     "g_adv": adversarial.item(), "rec_mse": rec.item()}  # fmt: skip
             elapsed = seconds + time.perf_counter() - began
+            cpu = cpu_seconds + time.process_time() - began_cpu
             if done < config.iterations:
-                checkpoint(done, elapsed)
+                checkpoint(done, elapsed, cpu)
             if stop.received:
                 say(f"{stop.received}: scale {scale} checkpointed at iteration {done}; rerun "
                     "the same command to resume")  # fmt: skip
                 raise TrainingStopped(stop.received)
     seconds += time.perf_counter() - began
+    cpu_seconds += time.process_time() - began_cpu
 
     # The finished scale: its files, then the mid-scale checkpoints it no longer needs.
     tensors = {f"G.{k}": v for k, v in gen.state_dict().items()}
@@ -549,7 +559,8 @@ def train_scale(config, G, Ds, reals, scale, model_dir, device, stop, progress, 
     if scale == 0:
         tensors["z_rec"] = G.z_rec
     meta = {"scale": scale, "size": arch.sizes[scale], "iterations": config.iterations,
-            "seconds": round(seconds, 3), "noise_amp": float(G.noise_amp[scale]),
+            "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+            "noise_amp": float(G.noise_amp[scale]),
             "last": last}  # fmt: skip
     save_scale(model_dir, scale, tensors, meta)
     for path in list_checkpoints(model_dir):
