@@ -218,7 +218,8 @@ class GeneratorQuality:
         per_class = {}
         for label, real in self.real.items():
             images = []
-            noise = torch.Generator().manual_seed(label)  # the same noise at every snapshot
+            # the same noise at every snapshot (label None: one unconditional model)
+            noise = torch.Generator().manual_seed(label or 0)
             for start in range(0, self.count, 128):
                 z = self.latents[start : start + 128].to(device)
                 labels = None

@@ -760,7 +760,11 @@ def run_study(config: StudyConfig, progress=None, log: Log | None = None) -> Pat
 
     config = normalise(config)
     validate(config)
-    validate_classifier(classify_config(config, config.seeds[0]))
+    # the classifier's own checks; a study task trains on real (+ synthetic) and tests on
+    # real, the scenario classify's validate asks for
+    validate_classifier(
+        dataclasses.replace(classify_config(config, config.seeds[0]), scenario="real+synth-real")
+    )
     sources = plan_sources(config)  # the inputs checked before OUT is written to
     check_out(config)
     out = Path(config.out)
