@@ -1629,5 +1629,6 @@ def generate_singan(
 
 # --- end of the SinGAN commands
 
+
 if __name__ == "__main__":
     app()
