@@ -573,6 +573,10 @@ def _run_classify(config: ClassifyConfig, progress=None, log: Log | None = None)
     # name and index both recorded, so --task-id 0 and --scenario real-real are the same job
     config = dataclasses.replace(config, scenario=scenario.name, task_id=task_id)
     run_dir = run_dir_of(config, scenario.name)
+    # the temp files of a killed run of this scenario (one process writes a scenario folder)
+    from synthbreast.train.checkpoint import remove_stale_temp_files
+
+    remove_stale_temp_files([run_dir])
     try:
         plan = plan_scenario(scenario, task_id, config.real, config.synthetic, config.synth_ratio)
     except UserError as err:
