@@ -43,6 +43,8 @@ from synthbreast.errors import UserError
 from synthbreast.fileio import atomic_write_bytes, sha256_file
 from synthbreast.images import make_grid, save_png
 from synthbreast.models.registry import MODELS, GANSpec, get_model
+from synthbreast.options import is_int, is_number, option_name
+from synthbreast.options import refuse as refuse_option
 from synthbreast.train.augment import AUGMENTS, AdaptiveP, Augment, dihedral
 from synthbreast.train.checkpoint import (
     list_checkpoints,
@@ -120,21 +122,11 @@ ZERO_OR_MORE = ("gp_weight", "drift", "r1_gamma", "ema_kimg")
 MIN_RESOLUTION = 8  # MSG-GAN's pyramid starts at 4x4 and doubles (synthbreast/models/msggan.py)
 
 
-def option_name(field: str) -> str:
-    return "--class" if field == "class_label" else f"--{field.replace('_', '-')}"
-
-
 def validate_numbers(config: TrainGANConfig) -> None:
     """One line naming the first numeric option out of range and the values it takes."""
 
     def refuse(field: str, allowed: str) -> None:
-        raise UserError(f"{option_name(field)} {getattr(config, field)!r}: {allowed}")
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value: Any) -> bool:
-        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+        refuse_option(config, field, allowed)
 
     res = config.resolution
     if not is_int(res) or res < MIN_RESOLUTION or res & (res - 1):

@@ -32,7 +32,6 @@ the last critic step's fake (computed with G's weights before its first step).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -70,6 +69,8 @@ from synthbreast.models.singan import (
     init_weights,
     upsample,
 )
+from synthbreast.options import is_int, is_number, option_name
+from synthbreast.options import refuse as refuse_option
 from synthbreast.progress import console
 from synthbreast.train.checkpoint import (
     list_checkpoints,
@@ -121,21 +122,11 @@ ABOVE_ZERO = ("lr",)
 ZERO_OR_MORE = ("rec_weight", "gp_weight", "noise_amp_init")
 
 
-def option_name(field: str) -> str:
-    return "--class" if field == "class_label" else f"--{field.replace('_', '-')}"
-
-
 def validate(config: TrainSinGANConfig) -> None:
     """Every option checked before any folder is made: one line naming the first bad one."""
 
     def refuse(field: str, allowed: str) -> None:
-        raise UserError(f"{option_name(field)} {getattr(config, field)!r}: {allowed}")
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value: Any) -> bool:
-        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+        refuse_option(config, field, allowed)
 
     get_model(config.model, trainer="singan")
     if config.class_label is None:
