@@ -39,6 +39,7 @@ from synthbreast.config import (
 )
 from synthbreast.errors import UserError
 from synthbreast.fileio import read_json
+from synthbreast.results import CONFIGS
 
 # What each budget means for every stage. GAN settings come from train-gan's own budgets
 # (synthbreast/train/gan.py BUDGETS); `gan_kimg` overrides their length where set.
@@ -70,7 +71,7 @@ PIPELINE_BUDGETS: dict[str, PipelineBudget] = {
 }  # fmt: skip
 
 GENERATE_TASKS = 8  # at most this many array tasks per class's generation
-CONFIGS = "configs"  # OUT/configs/<stage>.json: the config each stage ran or was submitted with
+# CONFIGS (synthbreast/results.py): OUT/configs/<stage>.json, the config each stage ran with
 CHAIN_CONFIG = "config.json"  # OUT/config.json: the PipelineConfig the chain was planned from
 RECORD = "pipeline.json"  # OUT/pipeline.json: what `pipeline` ran, each stage's time and status
 
@@ -440,8 +441,8 @@ def run_classify_stage(stage: Stage, ctx: Context) -> str:
 
 
 def classify_outputs(config: ClassifyConfig) -> dict[Path, str]:
-    from synthbreast.eval.classify import FAILED, METRICS
     from synthbreast.eval.scenarios import scenario_names
+    from synthbreast.results import FAILED, METRICS
 
     found = {}
     for name in scenario_names():
@@ -470,9 +471,9 @@ def file_state(folder: str, name: str) -> dict[Path, str]:
 
 
 def fidelity_outputs(config: FidelityConfig) -> dict[Path, str]:
-    from synthbreast.eval.fidelity import RESULT
+    from synthbreast.results import FIDELITY
 
-    return file_state(config.out, RESULT)
+    return file_state(config.out, FIDELITY)
 
 
 def run_report_stage(stage: Stage, ctx: Context) -> str:

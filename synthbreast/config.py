@@ -10,6 +10,64 @@ from typing import Any
 
 from synthbreast.fileio import atomic_write_json
 
+# A field's metadata says whether it is part of the job's identity (what decides its outputs):
+# two runs may share an output folder, resume or skip as done only if their identities agree.
+IDENTITY = "identity"
+RUN_ONLY = "run-only"  # how the job runs, not what it writes (workers, device, force, out ...)
+INPUT = "input"  # a path whose contents count: the identity holds the input's sha256 instead
+
+
+def run_only(default: Any = dataclasses.MISSING) -> Any:
+    """A config field that changes how a job runs but not what it writes."""
+    return dataclasses.field(default=default, metadata={IDENTITY: RUN_ONLY})
+
+
+def input_path(default: Any = dataclasses.MISSING) -> Any:
+    """A config field naming an input whose sha256 (given by the job) stands in the identity."""
+    return dataclasses.field(default=default, metadata={IDENTITY: INPUT})
+
+
+def run_only_fields(kind: type) -> tuple[str, ...]:
+    """The fields of config class `kind` that are not part of its jobs' identity."""
+    return tuple(f.name for f in dataclasses.fields(kind) if f.metadata.get(IDENTITY) == RUN_ONLY)
+
+
+def identity_fields(kind: type) -> tuple[str, ...]:
+    """The fields of config class `kind` that are part of its jobs' identity (inputs included)."""
+    return tuple(f.name for f in dataclasses.fields(kind) if f.metadata.get(IDENTITY) != RUN_ONLY)
+
+
+def identity(config: Any, inputs: dict[str, Any] | None = None, **resolved: Any) -> dict[str, Any]:
+    """The identity of a job: its config's identity fields, each input field replaced by the
+    sha256 in `inputs`, then `resolved` (values the job settles, e.g. a default class) on top."""
+    inputs = inputs or {}
+    out = {}
+    for f in dataclasses.fields(config):
+        role = f.metadata.get(IDENTITY)
+        if role == RUN_ONLY:
+            continue
+        if role == INPUT:
+            if f.name not in inputs:
+                raise TypeError(f"identity of {type(config).__name__} needs the sha of {f.name}")
+            out[f.name] = inputs[f.name]
+        else:
+            out[f.name] = getattr(config, f.name)
+    return {**out, **resolved}
+
+
+def identity_differences(before: dict[str, Any], now: dict[str, Any], name: Any = str) -> list[str]:
+    """Each key of the identity `now` that `before` (read back from JSON) holds another value
+    of, as "<name(key)> <before> there, <now> now"; tuples and lists compare equal."""
+    return [
+        f"{name(k)} {before.get(k)!r} there, {v!r} now"
+        for k, v in now.items()
+        if _jsonable(before.get(k)) != _jsonable(v)
+    ]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a job config, with its kind so a reader knows which job wrote it."""
@@ -82,8 +140,8 @@ class DemoDataConfig:
 class IngestConfig:
     """`synthbreast ingest`: an image folder -> WebDataset shards split by patient into pools."""
 
-    src: str
-    out: str
+    src: str = run_only()
+    out: str = run_only()
     format: str = "idc"
     patient_regex: str | None = None  # imagefolder: a regex with a (?P<patient>...) group
     # patches: their expected side; mammograms: the side of the cut patches (default 224)
@@ -107,9 +165,9 @@ class IngestConfig:
     max_per_class: int | None = None  # sample at most this many images per class (paper: 78,000)
     shard_size: int = 5000  # at most this many samples per shard
     min_shards: int = 8  # per pool, so that ranks x workers all get shards
-    workers: int = 2  # processes that decode and check images
-    overwrite: bool = False
-    resume: bool = False
+    workers: int = run_only(2)  # processes that decode and check images
+    overwrite: bool = run_only(False)
+    resume: bool = run_only(False)
 
 
 @dataclass
@@ -177,14 +235,14 @@ class GenerateConfig:
     by any process or array task, bit for bit.
     """
 
-    checkpoint: str  # a run folder (its latest checkpoint) or one ckpt-*.json
-    out: str
+    checkpoint: str = input_path()  # a run folder (its latest checkpoint) or one ckpt-*.json
+    out: str = run_only()
     shards: int = 76
     per_shard: int = 1000
     class_label: int | None = None  # None: the class the GAN was trained on
-    snapshot: str = "best"  # best (by the run's snapshot metric) | latest | a step number
+    snapshot: str = run_only("best")  # best (by the run's snapshot metric) | latest | a step number
     seed: int = 0
-    shard_range: str | None = None  # "START:END", end exclusive; None = all (or Slurm's task)
+    shard_range: str | None = run_only(None)  # "START:END", end exclusive; None: all or Slurm's
     output_size: int | None = None  # None: the model's resolution; e.g. 50 = real patch size
     batch_size: int = 100
 
@@ -196,7 +254,7 @@ class ImportSyntheticConfig:
     an OUT holds one import, and a rerun is compared with it."""
 
     folder: str  # FOLDER/<class>/*.png|jpg|jpeg, or the files a --labels CSV names
-    out: str
+    out: str = run_only()
     labels: str | None = None  # a CSV with columns path,label (path relative to FOLDER)
     real: str | None = None  # an ingest folder: its class names and image size are the rule
     generator: str | None = None  # what made the images, e.g. "StyleGAN2-ADA 64px, lab X"
@@ -261,7 +319,7 @@ class ClassifyConfig:
     224 px inputs, Adam lr 1e-3, batch 32, 150 epochs. Writes OUT/<scenario>/.
     """
 
-    out: str  # run folders go to OUT/<scenario>/, cached features to OUT/features/
+    out: str = run_only()  # run folders go to OUT/<scenario>/, cached features to OUT/features/
     real: str | None = None  # an ingest shard folder (pools gan / train / test)
     synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
     scenario: str | None = None  # a scenario name, or "all"
@@ -277,11 +335,11 @@ class ClassifyConfig:
     synth_ratio: float = 1.0  # real+synth-real: synthetic images per real one, per class
     seed: int = 0  # model init, batch order, synthetic split and bootstrap
     cache_features: bool = True  # frozen: backbone features computed once per image
-    feature_cache: str | None = None  # None: OUT/features
-    feature_batch_size: int = 128  # images per backbone call when computing features
+    feature_cache: str | None = run_only(None)  # None: OUT/features
+    feature_batch_size: int = run_only(128)  # images per backbone call when computing features
     n_boot: int = 1000  # bootstrap resamples of the 95% intervals
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:1 ...
-    force: bool = False  # redo a scenario whose metrics.json exists
+    device: str = run_only("auto")  # auto (cuda if present) | cpu | cuda | cuda:1 ...
+    force: bool = run_only(False)  # redo a scenario whose metrics.json exists
 
 
 @dataclass
@@ -294,14 +352,14 @@ class StudyConfig:
     (seed, fold, ratio); writes OUT/config.json, OUT/tasks/<task>.json and OUT/summary.json.
     """
 
-    out: str
+    out: str = run_only()
     real: str  # an ingest shard folder: the patients of its train and test pools are split
     synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
     folds: int = 5
     synth_ratios: list[float] = dataclasses.field(default_factory=lambda: [0, 0.25, 0.5, 1, 2])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # split, init, order
     balance_minority: bool = False  # synthetic for minority classes only: ratio x the gap
-    task_id: int | None = None  # one task of the ordered list (a Slurm array task); None: all
+    task_id: int | None = run_only(None)  # one task of the ordered list (Slurm array); None: all
     backbone: str = "resnet18"  # the classifier options are classify's
     weights: str = "imagenet"
     weights_path: str | None = None
@@ -311,10 +369,10 @@ class StudyConfig:
     batch_size: int = 32
     lr: float = 1e-3
     cache_features: bool = True  # frozen: classify's per-shard feature cache, shared by tasks
-    feature_cache: str | None = None  # None: OUT/features
-    feature_batch_size: int = 128
-    device: str = "auto"
-    force: bool = False  # redo tasks whose result exists (same config only)
+    feature_cache: str | None = run_only(None)  # None: OUT/features
+    feature_batch_size: int = run_only(128)
+    device: str = run_only("auto")
+    force: bool = run_only(False)  # redo tasks whose result exists (same config only)
 
 
 @dataclass
@@ -334,14 +392,14 @@ class FidelityConfig:
 
     real: str  # an ingest shard folder (pools gan / train / test)
     synthetic: list[str] = dataclasses.field(default_factory=list)  # generate outputs/parents
-    out: str = "fidelity"  # fidelity.json, PNGs; cached features in OUT/features/
+    out: str = run_only("fidelity")  # fidelity.json, PNGs; cached features in OUT/features/
     extractors: list[str] = dataclasses.field(default_factory=list)  # [] = pixels (+ inception
     # when its weights are present, + classifier when classifier_run is given)
     real_pool: str = "test"  # compared with the synthetic images: unseen patients
     train_pool: str = "gan"  # what the GAN saw: memorisation's reference
     heldout_pool: str = "test"  # memorisation's control: patients the GAN never saw
     floor_pool: str = "train"  # the real-vs-real floor: other unseen patients vs real_pool
-    histology_cache: str | None = None  # the trained histology space; None: OUT/features
+    histology_cache: str | None = run_only(None)  # the trained histology space; None: OUT/features
     weights_path: str | None = None  # the Inception extractor's file; None: its default place
     classifier_run: str | None = None  # a classify run folder (config.json, model.safetensors)
     pixels_side: int = 16  # the pixels extractor's side: 16 x 16 x 3 = 768 features
@@ -351,11 +409,11 @@ class FidelityConfig:
     copy_threshold: float = 0.5  # memorisation: distance ratio below which a sample is a copy
     closest_pairs: int = 16  # rows of the closest-pairs grid
     tsne: bool = False  # also a t-SNE scatter (scikit-learn) of at most 2,000 points
-    batch_size: int = 64
-    workers: int = 2  # DataLoader workers reading shards
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:1 ...
+    batch_size: int = run_only(64)
+    workers: int = run_only(2)  # DataLoader workers reading shards
+    device: str = run_only("auto")  # auto (cuda if present) | cpu | cuda | cuda:1 ...
     seed: int = 0  # KID subsets, plot subsamples
-    force: bool = False  # redo when OUT/fidelity.json exists
+    force: bool = run_only(False)  # redo when OUT/fidelity.json exists
 
 
 @dataclass
@@ -365,13 +423,13 @@ class TrainSinGANConfig:
     The defaults are the paper's (250 px longer side, 2,000 iterations per scale); budgets in
     synthbreast/train/singan.py. `task_id`: that model alone (a Slurm array task)."""
 
-    shards: str
-    outdir: str = "singan"
+    shards: str = run_only()
+    outdir: str = run_only("singan")
     pool: str = "gan"
     class_label: int | None = None  # required: the class whose images get a model each
     images: int = 4  # models, one per selected image
     seed: int = 0  # the choice of images, initial weights and every noise draw
-    task_id: int | None = None  # train model K of the selection only; None: all, in turn
+    task_id: int | None = run_only(None)  # train model K of the selection only; None: all, in turn
     model: str = "singan"  # synthbreast/models/registry.py MODELS (trainer "singan")
     max_size: int = 250  # the image is shrunk so its longer side is at most this
     min_size: int = 25  # the coarsest scale's shorter side
@@ -388,7 +446,7 @@ class TrainSinGANConfig:
     gp_weight: float = 0.1  # WGAN-GP's weight (the official code's lambda_grad)
     noise_amp_init: float = 0.1  # noise amplitude = this x RMSE of the coarser reconstruction
     checkpoint_every: int = 250  # iterations between mid-scale checkpoints
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:1 ...
+    device: str = run_only("auto")  # auto (cuda when present) | cpu | cuda | cuda:1 ...
     # CPU threads per model: one image's small convs ran 20x slower on 2 threads than on 1 on
     # the loaded 2-core dev box (bench/singan_speed.py); None: torch's default
     threads: int | None = 1
@@ -401,15 +459,15 @@ class GenerateSinGANConfig:
     in the real schema. Sample i of shard s comes from model (s * per_shard + i) mod models,
     so every model gives the same share; shard s's noise comes from (seed, class, s) alone."""
 
-    models: str  # a train-singan --outdir (its selection.json and models/)
-    out: str
-    num_models: int | None = None  # the first K models of the selection; None: all
+    models: str = input_path()  # a train-singan --outdir (its selection.json and models/)
+    out: str = run_only()
+    num_models: int | None = run_only(None)  # the first K models of the selection; None: all
     shards: int = 4
     per_shard: int = 250
     inject_scale: int = 0  # 0: new layouts from scale 0; k: the source's layout below scale k
     output_size: int | None = None  # None: the real patch size (the source images' side)
     seed: int = 0
-    shard_range: str | None = None  # "START:END", end exclusive; None = all (or Slurm's task)
+    shard_range: str | None = run_only(None)  # "START:END", end exclusive; None: all or Slurm's
     batch_size: int = 16
-    device: str = "cpu"  # cpu | auto | cuda...: a GPU gives other bits than the CPU
-    threads: int | None = 1  # CPU threads (see TrainSinGANConfig.threads)
+    device: str = run_only("cpu")  # cpu | auto | cuda...: a GPU gives other bits than the CPU
+    threads: int | None = run_only(1)  # CPU threads (see TrainSinGANConfig.threads)

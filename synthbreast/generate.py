@@ -45,19 +45,27 @@ import torch
 from PIL import Image
 
 from synthbreast import __version__
-from synthbreast.config import GenerateConfig, save_config, to_dict
+from synthbreast.config import (
+    GenerateConfig,
+    identity,
+    identity_differences,
+    save_config,
+    to_dict,
+)
 from synthbreast.data.shards import (
     MANIFEST,
     SCHEMA,
     Sample,
     load_manifest,
     save_manifest,
+    shard_problem,
     write_shard,
 )
 from synthbreast.errors import UserError
 from synthbreast.fileio import read_json, sha256_file
 from synthbreast.models.registry import LEGACY_MODEL, MODELS, build_config
 from synthbreast.progress import console
+from synthbreast.results import CONFIG
 from synthbreast.train.checkpoint import (
     checkpoint_paths,
     list_checkpoints,
@@ -66,7 +74,6 @@ from synthbreast.train.checkpoint import (
 )
 
 POOL = "synthetic"
-CONFIG = "config.json"
 LOCK = ".manifest.lock"
 WRITERS = ".writers.lock"  # held shared by every live writer of OUT, exclusively to clean
 # the temp names our atomic writes use (synthbreast.fileio.temp_name): `.<name>.tmp-<pid>`
@@ -76,17 +83,6 @@ KEY_SCHEME = 2  # 2: keys and seeds name the class (see the module docstring); a
 # model (classes are otherwise the training manifest's, e.g. healthy / benign / malignant)
 CLASS_NAMES = ["0", "1"]
 SAMPLE_KEYS = ["__key__", "png", "cls", "json"]
-# Fields of the manifest's "job" that decide the bytes of every shard: an OUT holds one job.
-IDENTITY_FIELDS = (
-    "checkpoint",
-    "seed",
-    "shards",
-    "per_shard",
-    "class_label",
-    "output_size",
-    "batch_size",
-    "key_scheme",
-)
 QUALITY_IMAGES = 500  # generated images the collapse check compares with the real ones
 
 
@@ -468,17 +464,16 @@ def manifest_lock(out: Path) -> Iterator[None]:
 
 
 def job_identity(config: GenerateConfig, checkpoint_sha: str, label: int, size: int) -> dict:
-    """What decides the bytes of the shards: two runs may share an OUT only if these agree."""
-    return {
-        "checkpoint": checkpoint_sha,
-        "seed": config.seed,
-        "shards": config.shards,
-        "per_shard": config.per_shard,
-        "class_label": label,
-        "output_size": size,
-        "batch_size": config.batch_size,
-        "key_scheme": KEY_SCHEME,
-    }
+    """What decides the bytes of the shards (the manifest's "job"): two runs may share an OUT
+    only if these agree. The config's identity fields (synthbreast/config.py), the checkpoint's
+    sha256 for its path, the class and size the job settled on, and the key scheme."""
+    return identity(
+        config,
+        inputs={"checkpoint": checkpoint_sha},
+        class_label=label,
+        output_size=size,
+        key_scheme=KEY_SCHEME,
+    )
 
 
 def new_manifest(
@@ -560,11 +555,7 @@ def open_manifest(out: Path, config: GenerateConfig, job: dict, checkpoint: dict
             f"the class; this one writes key_scheme {job['key_scheme']}): shards of the two must "
             "not mix: use a new --out, or delete that folder to remake it"
         )
-    differ = [
-        f"{k} {manifest['job'].get(k)!r} there, {job[k]!r} now"
-        for k in IDENTITY_FIELDS
-        if manifest["job"].get(k) != job[k]
-    ]
+    differ = identity_differences(manifest["job"], job)
     if differ:
         raise UserError(
             f"{out} was generated with another job ({'; '.join(differ)}); shards of two jobs "
@@ -588,14 +579,7 @@ def record_shard(out: Path, total: int, entry: dict[str, Any]) -> None:
 
 def shard_complete(out: Path, entry: dict[str, Any] | None) -> bool:
     """Listed, and the file on disk has the listed size and sha256."""
-    if entry is None:
-        return False
-    path = out / entry["name"]
-    return (
-        path.is_file()
-        and path.stat().st_size == entry["bytes"]
-        and sha256_file(path) == entry["sha256"]
-    )
+    return entry is not None and shard_problem(out, entry) is None
 
 
 # --- the job ---------------------------------------------------------------------------------

@@ -35,7 +35,13 @@ import torch
 from PIL import Image
 
 from synthbreast import __version__
-from synthbreast.config import GenerateSinGANConfig, save_config, to_dict
+from synthbreast.config import (
+    GenerateSinGANConfig,
+    identity,
+    identity_differences,
+    save_config,
+    to_dict,
+)
 from synthbreast.data.shards import (
     MANIFEST,
     SCHEMA,
@@ -68,8 +74,6 @@ from synthbreast.generate import (
 from synthbreast.progress import console
 from synthbreast.train.checkpoint import out_of_space_or_unwritable
 
-IDENTITY_FIELDS = ("models", "seed", "shards", "per_shard", "class_label", "output_size",
-                   "batch_size", "inject_scale", "key_scheme", "model_name")  # fmt: skip
 MAX_REDRAWS = 8  # a variant equal to its source is drawn again at most this often
 
 
@@ -262,18 +266,16 @@ def shard_samples(
 
 
 def job_identity(config, models, label: int, size: int) -> dict[str, Any]:
-    return {
-        "models": [m["sha256"] for m in models],
-        "seed": config.seed,
-        "shards": config.shards,
-        "per_shard": config.per_shard,
-        "class_label": label,
-        "output_size": size,
-        "batch_size": config.batch_size,
-        "inject_scale": config.inject_scale,
-        "key_scheme": KEY_SCHEME,
-        "model_name": "singan",
-    }
+    """The manifest's "job": the config's identity fields, the models' sha256 values for
+    their folder, and what the job settled on (two runs may share an OUT only if these agree)."""
+    return identity(
+        config,
+        inputs={"models": [m["sha256"] for m in models]},
+        class_label=label,
+        output_size=size,
+        key_scheme=KEY_SCHEME,
+        model_name="singan",
+    )
 
 
 def new_manifest(config, job, selection, models) -> dict[str, Any]:
@@ -353,8 +355,7 @@ def open_manifest(out: Path, config, job, selection, models) -> dict[str, Any]:
         return manifest
     manifest = load_manifest(out)
     before = manifest.get("job", {})
-    differ = [f"{k} {before.get(k)!r} there, {job[k]!r} now" for k in IDENTITY_FIELDS
-              if before.get(k) != job[k]]  # fmt: skip
+    differ = identity_differences(before, job)
     if differ:
         raise UserError(
             f"{out} was generated with another job ({'; '.join(differ)}); shards of two jobs "

@@ -312,8 +312,8 @@ def resubmit_commands(jobs: list[dict[str, Any]], states: dict[str, str]) -> lis
     """`synthbreast submit classify` lines that rerun exactly the scenario tasks whose latest
     run failed and that still have no metrics.json, with the config they were submitted with."""
     from synthbreast.config import ClassifyConfig, load_config
-    from synthbreast.eval.classify import METRICS
     from synthbreast.eval.scenarios import scenario_names
+    from synthbreast.results import METRICS
 
     names = scenario_names()
     latest: dict[tuple[str, int], tuple[int, str]] = {}  # (OUT, task) -> (job index, state)

@@ -285,7 +285,7 @@ def test_fidelity_command_end_to_end(demo_shards, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
 
     report = json.loads((out / "fidelity.json").read_text())
-    assert report["schema"] == F.SCHEMA
+    assert report["schema"] == F.FIDELITY_SCHEMA
     assert json.loads((out / "config.json").read_text())["job"] == "FidelityConfig"
     # the default: no weights needed; histology is trained on the real train pool
     assert list(report["extractors"]) == ["pixels", "texture", "histology"]

@@ -76,7 +76,7 @@ def test_a_flat_colour_scores_worse_than_real_vs_real_on_every_extractor(
         kid_subsets=10, workers=0, histology_cache=str(cache),
     )  # fmt: skip
     result = json.loads(run_fidelity(config).read_text())
-    assert result["schema"] == F.SCHEMA
+    assert result["schema"] == F.FIDELITY_SCHEMA
     names = list(result["extractors"])
     assert {"pixels", "texture", "histology"} <= set(names)
     for name in names:

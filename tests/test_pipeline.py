@@ -51,6 +51,12 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert "floor" in fidelity["extractors"]["histology"]
     text = (out / "report" / "report.md").read_text()
     assert all(name in text for name in scenario_names()) and "DEMO DATA" in text
+    # the report shows the chain's own results: fidelity's (not "not run", its schema the
+    # writer's), and the real-real of classify, not the histology space's real-real run
+    assert "Fidelity was not run" not in text and "schema is not" not in text
+    accuracy = json.loads((out / "classify" / "real-real" / "metrics.json").read_text())["accuracy"]
+    row = next(line for line in text.splitlines() if line.startswith("| real-real |"))
+    assert f"| {accuracy:.3f} [" in row
     # one conditional GAN drew both classes
     sources = {
         json.loads((out / "synthetic" / f"class{c}" / "manifest.json").read_text())["source"][

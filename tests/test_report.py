@@ -29,6 +29,7 @@ from synthbreast.generate import new_manifest, shard_name
 from synthbreast.report.collect import METRIC_FILE
 from synthbreast.report.render import NOT_COMPARABLE, SECTIONS
 from synthbreast.report.svg import Series, line_plot, nice_ticks
+from synthbreast.results import FIDELITY_SCHEMA
 
 OK_SCENARIOS = {"real-real": 0.7, "synth-synth": 0.95, "real-synth": 0.6}
 FAILED_SCENARIO, MISSING_SCENARIO = "synth-real", "real+synth-real"
@@ -403,7 +404,7 @@ def test_report_follows_the_runs_fidelity_and_a_new_result(report, tmp_path):
     atomic_write_json(
         fidelity / "fidelity.json",
         {
-            "schema": "synthbreast-fidelity/1",
+            "schema": FIDELITY_SCHEMA,
             "config": {},
             "extractors": {
                 "pixels": {"overall": overall, "per_class": {"1": overall}},
@@ -423,6 +424,12 @@ def test_report_follows_the_runs_fidelity_and_a_new_result(report, tmp_path):
             "pca_png": "pca.png",
         },
     )
+    # fidelity's histology space is a real-real classify run in its feature cache, newer than
+    # the chain's own: the scenario table keeps the chain's result
+    space = fidelity / "features" / "histology-0123456789abcdef" / "real-real"
+    space.mkdir(parents=True)
+    atomic_write_json(space / "config.json", {"job": "ClassifyConfig", "scenario": "real-real"})
+    atomic_write_json(space / "metrics.json", metrics("real-real", 0.97, [], "none"))
     late = runs / "classify" / MISSING_SCENARIO
     late.mkdir()
     atomic_write_json(late / "metrics.json", metrics(MISSING_SCENARIO, 0.8, [], "imagenet"))
@@ -437,6 +444,9 @@ def test_report_follows_the_runs_fidelity_and_a_new_result(report, tmp_path):
     assert "| histology | overall | 40 | 30.000 | 10.000 | 3.000 | 0.050 | 0.010 |" in md
     assert "inception not computed: no weights file" in md
     assert (out / "figures" / "fidelity-pca.png").is_file()
+    real_real = OK_SCENARIOS["real-real"]
+    assert f"| {real_real:.3f} [" in scenario_rows(md)["real-real"]
+    assert "0.970" not in scenario_rows(md)["real-real"]
     row = scenario_rows(md)[MISSING_SCENARIO]
     assert "| 0.800 [0.700, 0.850] | — |" in row and row.rstrip(" |").endswith("ok")
     html_text = (out / "report.html").read_text()
@@ -504,7 +514,7 @@ def test_a_collapsed_generator_is_announced_above_everything_synthetic(demo_shar
     atomic_write_json(
         fidelity / "fidelity.json",
         {
-            "schema": "synthbreast-fidelity/1",
+            "schema": FIDELITY_SCHEMA,
             "extractors": {"pixels": {"overall": {"fid": 80.0}}},
         },
     )
@@ -571,12 +581,6 @@ def test_a_healthy_set_has_no_banner_and_the_gan_section_shows_the_snapshot_chec
     ) in gan
     # the torn last line is a problem, not a traceback
     assert f"{GAN_RUN}/{METRIC_FILE}:3: not a JSON line (skipped)" in section(md, "Provenance")
-
-
-def test_metric_file_is_the_one_training_writes():
-    from synthbreast.train.gan import METRIC_FILE as WRITTEN
-
-    assert METRIC_FILE == WRITTEN
 
 
 GAP_TEXT = (
@@ -690,7 +694,7 @@ def test_a_fidelity_json_embeds_only_its_own_figures_under_safe_names(report, tm
     atomic_write_json(
         fidelity / "fidelity.json",
         {
-            "schema": "synthbreast-fidelity/1",
+            "schema": FIDELITY_SCHEMA,
             "extractors": {
                 "pixels": entry("../../secret.png"),
                 "../../../escape me": entry("closest-pairs-evil.png"),

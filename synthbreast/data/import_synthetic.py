@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from synthbreast import __version__
-from synthbreast.config import ImportSyntheticConfig, save_config, to_dict
+from synthbreast.config import ImportSyntheticConfig, identity_fields, save_config, to_dict
 from synthbreast.data.ingest import check_image, shard_sizes
 from synthbreast.data.layouts import Problem, _is_image, _walk
 from synthbreast.data.shards import (
@@ -38,20 +38,21 @@ from synthbreast.data.shards import (
     Sample,
     load_manifest,
     save_manifest,
+    shard_problem,
     verify_shards,
     write_shard,
 )
 from synthbreast.errors import UserError
 from synthbreast.eval.scenarios import SYNTHETIC_POOL, load_ingest
 from synthbreast.fileio import read_json, sha256_file
+from synthbreast.results import CONFIG
 
-CONFIG = "config.json"
 JOB = "ImportSyntheticConfig"  # to_dict's "job" of this config
 DEFAULT_CLASS_NAMES = ["0", "1"]  # without --real: IDC negative / positive, as generate's
 SAMPLE_KEYS = ["__key__", "png", "cls", "json"]
 MAX_LISTED = 50  # bad files listed in an error message (all of them go to the manifest)
 # Config fields that decide the bytes of every shard: an OUT holds one import.
-IDENTITY_FIELDS = ("folder", "labels", "real", "generator", "size", "skip_bad", "shard_size")
+IDENTITY_FIELDS = identity_fields(ImportSyntheticConfig)
 NOT_CHECKED = {
     "checked": False,
     "why": "imported images: generate's collapse check needs the generator; "
@@ -380,7 +381,7 @@ def write_class(
     done: dict[str, dict[str, Any]] = {}
     if (out / MANIFEST).is_file():
         previous = load_manifest(out)  # of this same job: checked before any work
-        done = {s["name"]: s for s in previous["shards"] if shard_intact(out, s)}
+        done = {s["name"]: s for s in previous["shards"] if shard_problem(out, s) is None}
     for path in out.iterdir() if out.is_dir() else []:
         if path.name.startswith(".") and ".tmp-" in path.name:
             path.unlink()  # half-written shards of an interrupted run
@@ -415,15 +416,6 @@ def write_class(
     manifest["status"] = "complete"
     save_manifest(out, manifest)
     return written
-
-
-def shard_intact(out: Path, entry: dict[str, Any]) -> bool:
-    path = out / entry["name"]
-    return (
-        path.is_file()
-        and path.stat().st_size == entry["bytes"]
-        and sha256_file(path) == entry["sha256"]
-    )
 
 
 def class_complete(out: Path) -> bool:

@@ -25,18 +25,24 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from synthbreast import __version__
-from synthbreast.config import IngestConfig, save_config, to_dict
+from synthbreast.config import IngestConfig, run_only_fields, save_config, to_dict
 from synthbreast.data.demo import DEMO_MARKER
 from synthbreast.data.layouts import LAYOUTS, Problem, Record, Scan
 from synthbreast.data.mammo import CONTEXTS, LABEL_MAPS, Extracted, Patch, PatchSpec, extract
-from synthbreast.data.shards import MANIFEST, SCHEMA, Sample, load_manifest, save_manifest
+from synthbreast.data.shards import (
+    MANIFEST,
+    SCHEMA,
+    Sample,
+    load_manifest,
+    save_manifest,
+    shard_problem,
+)
 from synthbreast.data.shards import write_shard as write_shard_file
 from synthbreast.errors import UserError
-from synthbreast.fileio import sha256_file
 from synthbreast.images import SIXTEEN_BIT_MODES, to_8bit
 from synthbreast.progress import console
+from synthbreast.results import CONFIG
 
-CONFIG = "config.json"
 PAD_COLOUR = (255, 255, 255)  # slide background: border patches are padded with white glass
 SMALL_POLICIES = ("error", "pad", "drop")
 BALANCE_POLICIES = ("none", "undersample")
@@ -46,7 +52,7 @@ GREY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 # Config fields that do not change what an ingest writes (so a resume may differ in them).
 # SRC is compared by the files found there (names and sizes), OUT is where the job already is.
-_RUN_ONLY_FIELDS = ("workers", "overwrite", "resume", "src", "out")
+_RUN_ONLY_FIELDS = run_only_fields(IngestConfig)
 
 
 @dataclass(frozen=True)
@@ -837,7 +843,7 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
         refusal = resume_refusal(out, previous, manifest)
         if refusal:
             raise UserError(refusal)
-        done = {s["name"]: s for s in previous["shards"] if _shard_intact(out, s)}
+        done = {s["name"]: s for s in previous["shards"] if shard_problem(out, s) is None}
         for stale in out.glob(".*.tmp-*"):  # half-written shards of the interrupted run
             stale.unlink()
     elif mode == "overwrite":
@@ -890,8 +896,3 @@ def run_ingest(config: IngestConfig, progress=None) -> dict[str, Any]:
 
 def _fields(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in ("count", "counts", "sha256", "bytes")}
-
-
-def _shard_intact(out: Path, entry: dict[str, Any]) -> bool:
-    path = out / entry["name"]
-    return path.is_file() and sha256_file(path) == entry["sha256"]

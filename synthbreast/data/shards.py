@@ -22,8 +22,8 @@ from PIL import Image
 from synthbreast.errors import UserError
 from synthbreast.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, temp_name
 from synthbreast.images import to_8bit
+from synthbreast.results import MANIFEST
 
-MANIFEST = "manifest.json"
 SCHEMA = "synthbreast-shards/1"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "tif", "tiff", "bmp")
 
@@ -154,13 +154,8 @@ def verify_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
     problems = []
     listed = {s["name"] for s in manifest["shards"]}
     for shard in manifest["shards"]:
-        path = root / shard["name"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != shard["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-        elif sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
+        if (problem := shard_problem(root, shard)) is not None:
+            problems.append(f"{root / shard['name']}: {problem}")
     for path in sorted(root.glob("*.tar")):
         if path.name not in listed:
             problems.append(f"{path}: not in the manifest")
@@ -170,7 +165,8 @@ def verify_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def shard_problem(root: Path, entry: dict[str, Any]) -> str | None:
-    """What is wrong with one listed shard's file (missing, size, sha256), or None when intact."""
+    """What is wrong with one listed shard's file (missing, size, sha256), or None when intact.
+    The one shard check: ingest, generate, import-synthetic and every reader use it."""
     path = Path(root) / entry["name"]
     if not path.is_file():
         return "missing"

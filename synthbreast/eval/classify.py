@@ -44,7 +44,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from synthbreast import __version__
-from synthbreast.config import ClassifyConfig, save_config, to_dict
+from synthbreast.config import ClassifyConfig, run_only_fields, save_config, to_dict
 from synthbreast.data.shards import (
     decode_image,
     image_bytes,
@@ -97,19 +97,13 @@ from synthbreast.models.classifier import (
     set_trainable,
     train_mode,
 )
+from synthbreast.results import CONFIG, FAILED, METRICS, MODEL, PREDICTIONS
 
-CONFIG, METRICS, PREDICTIONS, MODEL, FAILED = (
-    "config.json",
-    "metrics.json",
-    "predictions.csv",
-    "model.safetensors",
-    "failed.json",
-)
 FEATURES = "features"
 # Bump when the preprocessing changes, so old cached features are not reused.
 PREPROCESS_VERSION = "bilinear-antialias-imagenet-norm-1"
 # Config fields that do not change a run's result: a rerun differing only in them is the same.
-_RUN_ONLY_FIELDS = ("force", "device", "feature_cache", "feature_batch_size")
+_RUN_ONLY_FIELDS = run_only_fields(ClassifyConfig)
 
 Log = Callable[[str], None]
 

@@ -30,7 +30,13 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from synthbreast import __version__
-from synthbreast.config import FidelityConfig, save_config, to_dict
+from synthbreast.config import (
+    FidelityConfig,
+    identity,
+    identity_differences,
+    save_config,
+    to_dict,
+)
 from synthbreast.data.shards import load_manifest
 from synthbreast.devices import choose_device
 from synthbreast.errors import UserError
@@ -63,6 +69,7 @@ from synthbreast.eval.memorisation import (
 from synthbreast.eval.scenarios import check_provenance
 from synthbreast.fileio import atomic_write_json, read_json
 from synthbreast.images import make_grid, save_png
+from synthbreast.results import CONFIG, FIDELITY, FIDELITY_SCHEMA
 
 # Result keys (fidelity.json's "overall" and "per_class" entries).
 FID = "fid"
@@ -273,16 +280,12 @@ def pca_project(features: Any, dims: int = 2) -> tuple[np.ndarray, np.ndarray, n
 
 # --- the job: synthbreast fidelity ---------------------------------------------------------------
 
-SCHEMA = "synthbreast-fidelity/2"  # 2: real-vs-real floors, equal memorisation pools
-RESULT, CONFIG = "fidelity.json", "config.json"
 FEATURES_DIR = "features"
 HISTOGRAMS_PNG = "histograms.png"
 PLOT_POINTS = 2000  # at most this many points per group in a scatter
 PCA_FIT_POINTS = 10_000  # the PCA is fitted to at most this many of each set
 TSNE_POINTS = 2000  # t-SNE of at most this many points in all
 PREFERRED = ("inception", "inception-torchvision", "classifier", "pixels")  # top-level pca_png
-# Config fields that do not change results: a finished run is reused whatever they are.
-NOT_IDENTITY = ("force", "workers", "batch_size", "device", "histology_cache")
 
 
 def validate(config: FidelityConfig) -> None:
@@ -339,10 +342,6 @@ def resolve_extractors(config: FidelityConfig) -> tuple[list[str], dict[str, str
     return names, skipped
 
 
-def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-
-
 def _manifests(data: dict[str, Any]) -> dict[str, list[str]]:
     return {
         part: [m["sha256"] for m in entry["manifests"]] if entry else []
@@ -360,13 +359,9 @@ def _reuse(result_path: Path, config: FidelityConfig, data: dict[str, Any]) -> b
         earlier_config, earlier_data = earlier.get("config", {}), _manifests(earlier["data"])
     except (OSError, ValueError, KeyError, TypeError):
         return False  # damaged: redo
-    if earlier.get("schema") != SCHEMA:
+    if earlier.get("schema") != FIDELITY_SCHEMA:
         return False  # written by an older synthbreast, without what this one adds: redo
-    differ = [
-        f"{k}: {earlier_config.get(k)!r} there, {v!r} now"
-        for k, v in _identity(to_dict(config)).items()
-        if earlier_config.get(k) != v
-    ]
+    differ = identity_differences(earlier_config, identity(config), lambda k: f"{k}:")
     differ += [
         f"the {part} shards' manifests changed"
         for part, shas in _manifests(data).items()
@@ -588,7 +583,7 @@ def run_fidelity(
     say = log or (lambda text: None)
     validate(config)
     out = Path(config.out)
-    result_path = out / RESULT
+    result_path = out / FIDELITY
 
     # What to compare, and with what (manifests only; a named extractor that cannot run stops
     # the job here, before any image is read).
@@ -665,7 +660,7 @@ def run_fidelity(
     )
     save_png(histograms_chart(real_channels, synthetic_channels), out / HISTOGRAMS_PNG)
     result: dict[str, Any] = {
-        "schema": SCHEMA,
+        "schema": FIDELITY_SCHEMA,
         "config": to_dict(config),
         "data": data,
         "extractors": {},

@@ -27,6 +27,7 @@ from synthbreast.config import ClassifyConfig
 from synthbreast.data.shards import MANIFEST
 from synthbreast.errors import UserError
 from synthbreast.fileio import read_json, sha256_file
+from synthbreast.results import METRICS
 
 HISTOLOGY_VERSION = 1  # part of the cache key: bump when the recipe changes
 # A 4-block CNN trained from scratch, all layers, at the patches' own size: no ImageNet ResNet
@@ -77,7 +78,7 @@ def histology_run(
         out=str(out), real=str(real), scenario=SCENARIO, seed=seed, device=device, n_boot=200,
         **settings,
     )  # fmt: skip
-    if log and not (out / SCENARIO / "metrics.json").is_file():
+    if log and not (out / SCENARIO / METRICS).is_file():
         log(
             f"histology space: fine-tuning a {settings['backbone']} on the real train pool "
             f"({settings['epochs']} epochs) into {out}"
@@ -87,7 +88,7 @@ def histology_run(
 
 def histology_summary(run: str | Path) -> dict[str, Any]:
     """How good the space is: its classify run's real-real test figures."""
-    metrics = read_json(Path(run) / "metrics.json")
+    metrics = read_json(Path(run) / METRICS)
     keep = ("accuracy", "balanced_accuracy", "roc_auc")
     return {
         "run": str(run),

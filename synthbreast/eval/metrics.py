@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from synthbreast.results import METRICS_SCHEMA
+
 LABELS = (0, 1)  # the two classes of a binary task (classification_metrics)
 N_BOOT = 1000
 
@@ -341,7 +343,6 @@ def multiclass_metrics(
 
 # --- a classify run's result file ------------------------------------------------------------
 
-METRICS_SCHEMA = "synthbreast-classify-metrics/1"
 # What classify's summary line and the report read from every metrics.json.
 RESULT_KEYS = ("scenario", "accuracy", "roc_auc", "ci95", "data")
 

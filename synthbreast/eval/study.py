@@ -49,21 +49,19 @@ from typing import Any
 import numpy as np
 
 from synthbreast import __version__
-from synthbreast.config import StudyConfig, save_config, to_dict
+from synthbreast.config import StudyConfig, run_only_fields, save_config, to_dict
 from synthbreast.errors import UserError
 from synthbreast.fileio import atomic_write_json, read_json
+from synthbreast.results import CONFIG, STUDY_SUMMARY_SCHEMA, STUDY_TASK_SCHEMA, SUMMARY, TASKS
 
-CONFIG, SUMMARY, TASKS = "config.json", "summary.json", "tasks"
 FAILED_SUFFIX = ".failed.json"
-TASK_SCHEMA = "synthbreast-study-task/1"
-SUMMARY_SCHEMA = "synthbreast-study-summary/1"
 STUDY_JOB = "StudyConfig"  # the `job` of OUT/config.json: how the report finds a study
 METRICS = ("auc", "balanced_accuracy", "accuracy")  # summarised, in this order
 METRIC_NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy"}
 CI_LEVEL = 0.95
 # Config fields that change no task's result: a rerun differing only in them is the same study
 # (OUT itself among them: a study folder copied or moved elsewhere continues there).
-_RUN_ONLY_FIELDS = ("out", "task_id", "force", "device", "feature_cache", "feature_batch_size")
+_RUN_ONLY_FIELDS = run_only_fields(StudyConfig)
 
 Log = Callable[[str], None]
 
@@ -289,7 +287,7 @@ def read_study(out: Path, problems: list[str] | None = None) -> tuple[dict, list
             except (OSError, ValueError) as err:
                 problems.append(f"{path}: cannot be read as JSON ({err}); counted as missing")
                 continue
-            same = isinstance(result, dict) and result.get("schema") == TASK_SCHEMA
+            same = isinstance(result, dict) and result.get("schema") == STUDY_TASK_SCHEMA
             if same and result.get("task", {}).get("index") == task.index:
                 results.append(result)
                 continue
@@ -392,7 +390,7 @@ def summarise(
     patients = sorted({p for r in results for p in r.get("test_patient_ids", [])})
     missing = [t.name for t in tasks if t.index not in by_index and t.name not in failed]
     return {
-        "schema": SUMMARY_SCHEMA,
+        "schema": STUDY_SUMMARY_SCHEMA,
         "folds": study.folds,
         "seeds": study.seeds,
         "ratios": study.synth_ratios,
@@ -696,7 +694,7 @@ def run_task(
     measured = task_metrics(test.labels.numpy(), prob, classes)
     test_counts = {str(c): int((test.labels == c).sum()) for c in classes}
     return {
-        "schema": TASK_SCHEMA,
+        "schema": STUDY_TASK_SCHEMA,
         "task": {**dataclasses.asdict(task), "name": task.name, "of": len(task_list(config))},
         "classes": classes,
         **measured,

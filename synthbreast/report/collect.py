@@ -7,7 +7,9 @@ What is looked for (formats in notes/contracts.md), anywhere below RUNS:
   and `metric-texture.jsonl` (the collapse check at every snapshot);
 - shard folders: `manifest.json` of schema synthbreast-shards/1, real (ingest) or synthetic
   (generate, `source.synthetic` true, with its collapse check under `quality`);
-- `fidelity.json` (schema synthbreast-fidelity/1).
+- `fidelity.json` (schema synthbreast-fidelity/2).
+
+File names and schema ids come from synthbreast/results.py, as the writers' do.
 
 A file that cannot be read becomes a line in `Collected.problems`, never an exception: the
 report must still appear, and say what was wrong.
@@ -26,25 +28,24 @@ import numpy as np
 
 from synthbreast.data.shards import MANIFEST, SCHEMA, decode_image, image_bytes, iter_shard
 from synthbreast.errors import UserError
-from synthbreast.eval.metrics import METRICS_SCHEMA, result_problem
+from synthbreast.eval.metrics import result_problem
 from synthbreast.eval.scenarios import scenario_names
 from synthbreast.eval.study import STUDY_JOB, read_study, summarise
 from synthbreast.fileio import read_json, sha256_file
-
-FIDELITY_SCHEMA = "synthbreast-fidelity/1"
-METRICS, FAILED, CONFIG, STATS, FIDELITY = (
-    "metrics.json",
-    "failed.json",
-    "config.json",
-    "stats.jsonl",
-    "fidelity.json",
+from synthbreast.results import (
+    CONFIG,
+    FAILED,
+    FIDELITY,
+    FIDELITY_SCHEMA,
+    METRIC_FILE,
+    METRICS,
+    METRICS_SCHEMA,
+    NOT_RESULTS,
+    STATS,
 )
+
 OK, FAILED_STATUS, MISSING = "ok", "failed", "missing"
-# Folders never holding results: model state, image snapshots, inspect grids.
-SKIP_DIRS = {"checkpoints", "samples", "inspect", "__pycache__", "figures"}
-# The snapshot metric file of a GAN run; synthbreast.train.gan.METRIC_FILE (a test checks they
-# agree): importing that module would pull torch into every report.
-METRIC_FILE = "metric-texture.jsonl"
+SKIP_DIRS = set(NOT_RESULTS)
 # stats.jsonl keys of the discriminator and generator loss: the training loop writes
 # d_loss/g_loss; notes/contracts.md names them loss_d/loss_g. Both are read.
 LOSS_KEYS = {"loss_d": ("loss_d", "d_loss"), "loss_g": ("loss_g", "g_loss")}

@@ -45,6 +45,7 @@ from synthbreast.images import make_grid, save_png
 from synthbreast.models.registry import MODELS, GANSpec, get_model
 from synthbreast.options import is_int, is_number, option_name
 from synthbreast.options import refuse as refuse_option
+from synthbreast.results import CONFIG, METRIC_FILE, STATS
 from synthbreast.train.augment import AUGMENTS, AdaptiveP, Augment, dihedral
 from synthbreast.train.checkpoint import (
     list_checkpoints,
@@ -88,7 +89,6 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-METRIC_FILE = "metric-texture.jsonl"  # one line per snapshot: synthbreast/eval/quality.py
 METRIC_KEY = "kid"  # lower is better: `generate --snapshot best` picks its minimum
 
 # The paper trains with RMSprop lr 1e-4. The official MSG-GAN code uses Adam with betas
@@ -585,9 +585,9 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
                 f"removed {len(stale)} stale temp file(s) of an earlier try from {run_dir}"
             )
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.json")
+        save_config(config, run_dir / CONFIG)
         if resume_from is not None:  # ticks logged after the checkpoint will be logged again
-            truncate_stats(run_dir / "stats.jsonl", step)
+            truncate_stats(run_dir / STATS, step)
             truncate_stats(run_dir / METRIC_FILE, step)
     metric = None
     if main and config.metric_images > 0:
@@ -711,7 +711,7 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
             history.append(line)
             if main:
                 progress_print(line)
-                _append_jsonl(run_dir / "stats.jsonl", line)
+                _append_jsonl(run_dir / STATS, line)
             tick_start, tick_images = time.perf_counter(), 0
         snapshot = step % steps_of(config.snapshot_kimg) == 0 or done
         if main and snapshot:

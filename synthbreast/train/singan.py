@@ -48,7 +48,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from synthbreast.config import TrainSinGANConfig, save_config, to_dict
+from synthbreast.config import (
+    TrainSinGANConfig,
+    identity,
+    identity_differences,
+    save_config,
+    to_dict,
+)
 from synthbreast.data.shards import (
     decode_image,
     image_bytes,
@@ -72,6 +78,7 @@ from synthbreast.models.singan import (
 from synthbreast.options import is_int, is_number, option_name
 from synthbreast.options import refuse as refuse_option
 from synthbreast.progress import console
+from synthbreast.results import CONFIG
 from synthbreast.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -82,7 +89,6 @@ from synthbreast.train.checkpoint import (
 from synthbreast.train.losses import discriminator_loss, requires_grad
 
 MODEL = "singan"  # synthbreast/models/registry.py
-CONFIG = "config.json"
 SELECTION = "selection.json"
 MODELS_DIR = "models"
 MODEL_FILE = "model.json"  # written last: a model folder with it is complete
@@ -632,21 +638,13 @@ def write_grid(G: SinGAN, image: torch.Tensor, path: Path, seed: int = 0, count:
 
 # --- the job: many images, one process each -------------------------------------------------
 
-# Fields that decide the selection and the weights: a rerun in the same OUTDIR must agree.
-NOT_IDENTITY = ("shards", "outdir", "task_id", "device")
-
 
 def check_same_job(outdir: Path, config: TrainSinGANConfig) -> None:
     path = outdir / CONFIG
     if not path.is_file():
         return
-    before = read_json(path)
-    now = to_dict(config)
-    differ = [
-        f"{option_name(k)} {before.get(k)!r} there, {v!r} now"
-        for k, v in now.items()
-        if k not in NOT_IDENTITY and k != "job" and before.get(k) != v
-    ]
+    # The config's identity fields decide the selection and the weights (synthbreast/config.py)
+    differ = identity_differences(read_json(path), identity(config), option_name)
     if differ:
         raise UserError(
             f"{outdir} holds another train-singan job ({'; '.join(differ)}): use a new "
