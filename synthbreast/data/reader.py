@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ class ShardReadError(UserError):
 def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
-    return str(err) or type(err).__name__
+    # PIL names the in-memory buffer ("cannot identify image file <_io.BytesIO object at
+    # 0x...>"), which says nothing to the user: the shard and key are named beside it
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)) or type(err).__name__
 
 
 def to_uint8_tensor(img: Image.Image):
