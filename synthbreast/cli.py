@@ -1419,6 +1419,26 @@ def fidelity(
     kid_subsets: Annotated[int, typer.Option(help="KID subsets.")] = 100,
     kid_subset_size: Annotated[int, typer.Option(help="KID subset size (at most).")] = 1000,
     tsne: Annotated[bool, typer.Option(help="Also a t-SNE scatter (2,000 points).")] = False,
+    sifid: Annotated[
+        bool,
+        typer.Option(help="SiFID of the --synthetic folders made by generate-singan."),
+    ] = True,
+    sifid_space: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="SiFID feature space (synthbreast/eval/sifid.py SPACES): inception (the "
+            "paper's: FID Inception Conv2d_4a, 192 channels), inception-64 (Conv2d_2b, 64, "
+            "finer maps for small patches) or texture (no weights; not the paper's) [default: "
+            "inception when installed, else texture]."
+        ),
+    ] = None,
+    sifid_floor_images: Annotated[
+        int,
+        typer.Option(help="Real images of the class (--real-pool) each source is compared with."),
+    ] = 8,
+    sifid_variants: Annotated[
+        int, typer.Option(help="SiFID of at most this many variants per SinGAN model.")
+    ] = 100,
     batch_size: Annotated[int, typer.Option(help="Images per extractor call.")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -1429,6 +1449,11 @@ def fidelity(
 ) -> None:
     """FID, KID, precision/recall/density/coverage (real test pool vs synthetic, overall and per
     class) and memorisation (nearest training image vs nearest unseen patient), per extractor.
+
+    For folders made by generate-singan, also SiFID (single-image FID, Shaham et al. 2019): each
+    variant against its model's source image, beside the source against other real images of
+    its class (the real-vs-real floor), and each variant's copy ratio (pixel distance to its
+    source / to the nearest other real image; near 0 = a copy).
 
     Writes OUT/fidelity.json, histograms.png, pca-<extractor>.png and
     closest-pairs-<extractor>.png; features are cached in OUT/features/.
@@ -1453,6 +1478,10 @@ def fidelity(
         kid_subset_size=kid_subset_size,
         copy_threshold=copy_threshold,
         tsne=tsne,
+        sifid=sifid,
+        sifid_space=sifid_space,
+        sifid_floor_images=sifid_floor_images,
+        sifid_variants=sifid_variants,
         batch_size=batch_size,
         workers=workers,
         device=device,
@@ -1477,6 +1506,20 @@ def fidelity(
         cells += [memo.get("share_below_threshold"), memo.get("control_share_below_threshold")]
         table.add_row(name, *("-" if v is None else f"{v:.3g}" for v in cells))
     console.print(table)
+    if result.get("sifid"):
+        part = result["sifid"]
+        figures = part["overall"]
+        text = ", ".join(
+            f"{name} {'-' if figures.get(key) is None else f'{figures[key]:.3g}'}"
+            for name, key in (("SiFID", "sifid"), ("real-vs-real floor", "floor"),
+                              ("ratio", "ratio"))
+        )  # fmt: skip
+        console.print(
+            f"SiFID ({part['space']}) over {figures['models']} SinGAN models, "
+            f"{figures['variants']} variants: {text}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for name, reason in result["skipped"].items():
         console.print(f"skipped {name}: {reason}", highlight=False, soft_wrap=True)
 

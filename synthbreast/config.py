@@ -409,6 +409,11 @@ class FidelityConfig:
     copy_threshold: float = 0.5  # memorisation: distance ratio below which a sample is a copy
     closest_pairs: int = 16  # rows of the closest-pairs grid
     tsne: bool = False  # also a t-SNE scatter (scikit-learn) of at most 2,000 points
+    # SiFID of the generate-singan folders among `synthetic` (synthbreast/eval/sifid.py)
+    sifid: bool = True
+    sifid_space: str | None = None  # sifid.SPACES; None: inception when installed, else texture
+    sifid_floor_images: int = 8  # real images of the class each source is compared with
+    sifid_variants: int = 100  # at most this many variants per model (shard and index order)
     batch_size: int = run_only(64)
     workers: int = run_only(2)  # DataLoader workers reading shards
     device: str = run_only("auto")  # auto (cuda if present) | cpu | cuda | cuda:1 ...

@@ -22,7 +22,10 @@ METRIC_FILE = "metric-texture.jsonl"  # one line per snapshot (synthbreast/eval/
 
 # fidelity: OUT/
 FIDELITY = "fidelity.json"
-FIDELITY_SCHEMA = "synthbreast-fidelity/2"  # 2: real-vs-real floors, equal memorisation pools
+FIDELITY_SCHEMA = "synthbreast-fidelity/3"  # 3: SiFID of SinGAN sets ("sifid")
+# 2: real-vs-real floors, equal memorisation pools. The report reads these too (3 only adds a
+# section); fidelity redoes a result of an older schema.
+FIDELITY_READABLE = (FIDELITY_SCHEMA, "synthbreast-fidelity/2")
 
 # study: OUT/
 SUMMARY = "summary.json"

@@ -60,6 +60,8 @@ BAD = [
     ("fidelity", ["--workers", "-1"], "--workers"),
     ("fidelity", ["--floor-pool", "test"], "--floor-pool test"),
     ("fidelity", ["--extractor", "nope"], "--extractor 'nope' unknown"),
+    ("fidelity", ["--sifid-space", "nope"], "--sifid-space 'nope' unknown"),
+    ("fidelity", ["--sifid-variants", "0"], "--sifid-variants must be at least 1"),
 ]
 
 

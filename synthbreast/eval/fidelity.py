@@ -10,6 +10,9 @@ features (synthbreast.eval.features) -> statistics -> metric.
   torch-fidelity draws them (numpy RandomState(seed), `choice` without replacement), so the
   same seed gives its numbers.
 - precision, recall, density, coverage (Naeem et al. 2020) from k-nearest-neighbour balls.
+- SiFID (Shaham et al. 2019), per SinGAN model of the generate-singan folders among the
+  synthetic ones, beside its real-vs-real floor: synthbreast.eval.sifid, fidelity.json's
+  "sifid" (the same `frechet_distance`, of one image's feature map positions).
 
 Distances are computed in blocks as |x|^2 - 2 x.y + |y|^2 with matrix products
 (synthbreast.eval.memorisation), so 40,000 x 40,000 items never hold a full distance matrix.
@@ -298,10 +301,20 @@ def validate(config: FidelityConfig) -> None:
         (config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.workers >= 0, "--workers must be at least 0 (0: read in the main process)"),
         (config.closest_pairs >= 1, "--closest-pairs must be at least 1"),
+        (config.sifid_floor_images >= 1, "--sifid-floor-images must be at least 1"),
+        (config.sifid_variants >= 1, "--sifid-variants must be at least 1"),
     )
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if config.sifid_space is not None:
+        from synthbreast.eval.sifid import SPACES as SIFID_SPACES
+
+        if config.sifid_space not in SIFID_SPACES:
+            raise UserError(
+                f"--sifid-space {config.sifid_space!r} unknown; choose from "
+                f"{', '.join(SIFID_SPACES)}"
+            )
     if config.floor_pool == config.real_pool:
         raise UserError(
             f"--floor-pool {config.floor_pool} is --real-pool too: the real-vs-real floor needs "
@@ -373,6 +386,12 @@ def _reuse(result_path: Path, config: FidelityConfig, data: dict[str, Any]) -> b
             "pass --force to recompute it, or choose another --out"
         )
     return True
+
+
+def _singan(source: Source) -> bool:
+    from synthbreast.eval.sifid import is_singan
+
+    return is_singan(load_manifest(source.root))
 
 
 def _data_entry(sources: Sequence[Source]) -> dict[str, Any]:
@@ -619,6 +638,14 @@ def run_fidelity(
         "heldout": _data_entry([heldout]) if heldout else None,
         "floor": _data_entry([floor]) if floor else None,
     }
+    # SiFID of the generate-singan folders (a named space that cannot run stops here too)
+    sifid_plan = None
+    if config.sifid:
+        from synthbreast.eval.sifid import plan as plan_sifid
+
+        sifid_plan = plan_sifid(
+            [s.root for s in synthetic], config.sifid_space, config.weights_path
+        )
     if _reuse(result_path, config, data):
         say(f"{result_path} exists for these settings and data: skipped (--force to redo)")
         return result_path
@@ -739,6 +766,19 @@ def run_fidelity(
             )
         entry["seconds"] = round(time.perf_counter() - began, 3)
         result["extractors"][extractor.name] = entry
+
+    if sifid_plan is not None:
+        from synthbreast.eval.sifid import sifid_section
+
+        began = time.perf_counter()
+        result["sifid"] = sifid_section(
+            sifid_plan, Path(config.real), config.real_pool, config.sifid_floor_images,
+            config.sifid_variants, config.copy_threshold, config.seed, config.weights_path,
+            device, say,
+        )  # fmt: skip
+        result["sifid"]["seconds"] = round(time.perf_counter() - began, 3)
+    elif not config.sifid and any(_singan(s) for s in synthetic):
+        skipped["sifid"] = "--no-sifid"
 
     shown = [n for n in PREFERRED if n in result["extractors"]]
     result["pca_png"] = result["extractors"][shown[0]]["pca_png"] if shown else None

@@ -7,7 +7,7 @@ What is looked for (formats in notes/contracts.md), anywhere below RUNS:
   and `metric-texture.jsonl` (the collapse check at every snapshot);
 - shard folders: `manifest.json` of schema synthbreast-shards/1, real (ingest) or synthetic
   (generate, `source.synthetic` true, with its collapse check under `quality`);
-- `fidelity.json` (schema synthbreast-fidelity/2).
+- `fidelity.json` (schema synthbreast-fidelity/3, or /2: without SiFID).
 
 File names and schema ids come from synthbreast/results.py, as the writers' do.
 
@@ -36,6 +36,7 @@ from synthbreast.results import (
     CONFIG,
     FAILED,
     FIDELITY,
+    FIDELITY_READABLE,
     FIDELITY_SCHEMA,
     METRIC_FILE,
     METRICS,
@@ -347,7 +348,7 @@ def collect(runs: str | Path, exclude: list[str | Path] | None = None) -> Collec
                 (synthetic if shards.synthetic else real).append(shards)
         if FIDELITY in files:
             data = _read(folder / FIDELITY, problems)
-            if isinstance(data, dict) and data.get("schema") == FIDELITY_SCHEMA:
+            if isinstance(data, dict) and data.get("schema") in FIDELITY_READABLE:
                 if fidelity is not None:
                     problems.append(
                         f"{folder / FIDELITY}: a second fidelity.json; the report shows "
