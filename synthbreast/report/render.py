@@ -955,6 +955,9 @@ def fidelity_section(doc: Document, collected: Collected, banners: list[str] | N
                 ),
             )
         )  # fmt: skip
+    from synthbreast.report.sifid import sifid_blocks  # it imports this module
+
+    sifid_blocks(doc, data)  # SinGAN sets only
     if memorisation:
         doc.add(
             Table(
