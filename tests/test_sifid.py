@@ -287,3 +287,22 @@ def test_a_moved_models_folder_reads_the_source_from_the_real_shard(
             S.source_pixels(model, manifest, 1)
     finally:
         moved.rename(models)
+
+
+def test_the_report_still_reads_a_fidelity_json_of_schema_2_without_sifid(tmp_path):
+    from synthbreast.fileio import atomic_write_json
+    from synthbreast.report.collect import collect
+    from synthbreast.report.render import Document
+    from synthbreast.report.sifid import sifid_blocks
+    from synthbreast.results import FIDELITY_READABLE, FIDELITY_SCHEMA
+
+    assert FIDELITY_SCHEMA.endswith("/3") and "synthbreast-fidelity/2" in FIDELITY_READABLE
+    atomic_write_json(
+        tmp_path / "fidelity.json",
+        {"schema": "synthbreast-fidelity/2", "config": {}, "extractors": {}, "skipped": {}},
+    )
+    collected = collect(tmp_path)
+    assert collected.fidelity is not None and not collected.problems
+    doc = Document("t")
+    sifid_blocks(doc, collected.fidelity)
+    assert doc.blocks == []  # no section, no table
