@@ -1428,8 +1428,8 @@ def fidelity(
         typer.Option(
             help="SiFID feature space (synthbreast/eval/sifid.py SPACES): inception (the "
             "paper's: FID Inception Conv2d_4a, 192 channels), inception-64 (Conv2d_2b, 64, "
-            "finer maps for small patches) or texture (no weights; not the paper's) [default: "
-            "inception when installed, else texture]."
+            "finer maps for small patches) or texture (no weights; not the paper's). Default: "
+            "inception when installed, else texture."
         ),
     ] = None,
     sifid_floor_images: Annotated[
