@@ -7,6 +7,11 @@ its ratio to the first one (the peer in the same run). The first tick of each ru
 worker fork) is left out.
 
     python bench/gan_budget_step.py --shards SHARDS [--budget small] [--kimg 1.0] [--rounds 2]
+        [--variants choices|speed]
+
+`choices` (default): the model, loss and augmentation one at a time. `speed`: the budget's
+default against the options that change its arithmetic per image (lazy gradient penalty,
+a larger batch, bf16 autocast), to see which buy more kimg in the same minutes.
 
 SHARDS: an ingest output (e.g. `synthbreast demo-data d && synthbreast ingest d SHARDS`).
 """
@@ -21,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
 from synthbreast.config import TrainGANConfig
 from synthbreast.train.gan import apply_budget, train_gan
@@ -38,12 +44,22 @@ VARIANTS = [
                                                augment="diffaug")),
     ("budget default", dict(model="msggan-cond")),
 ]  # fmt: skip
+# The budget's default G and D, with one option changed at a time (then two together)
+SPEED_VARIANTS = [
+    ("budget default", dict(model="msggan-cond")),
+    ("lazy gp every 4 steps", dict(model="msggan-cond", gp_interval=4)),
+    ("batch 16", dict(model="msggan-cond", batch_size=16)),
+    ("bf16 autocast", dict(model="msggan-cond", mixed_precision="bf16")),
+    ("lazy gp 4 + batch 16", dict(model="msggan-cond", gp_interval=4, batch_size=16)),
+]  # fmt: skip
 
 
 def img_per_s(shards: Path, budget: str, kimg: float, overrides: dict, outdir: Path) -> float:
     config = apply_budget(TrainGANConfig(shards=str(shards), outdir=str(outdir)), budget)
     config = replace(config, kimg=kimg, tick_kimg=kimg / 5, snapshot_kimg=kimg,
                      checkpoint_kimg=kimg, metric_images=0, **overrides)  # fmt: skip
+    # accelerate keeps one state per process: a variant with another precision needs it anew
+    AcceleratorState._reset_state(reset_partial_state=True)
     run = train_gan(config, progress_print=lambda _: None)
     ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     return statistics.mean(t["img_per_s"] for t in ticks[1:])
@@ -55,16 +71,19 @@ def main() -> None:
     parser.add_argument("--budget", default="small")
     parser.add_argument("--kimg", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", choices=("choices", "speed"), default="choices")
     args = parser.parse_args()
+    variants = SPEED_VARIANTS if args.variants == "speed" else VARIANTS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, budget {args.budget}")
-    found: dict[str, list[float]] = {label: [] for label, _ in VARIANTS}
+    found: dict[str, list[float]] = {label: [] for label, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            for i, (label, overrides) in enumerate(VARIANTS):
+            for i, (label, overrides) in enumerate(variants):
                 outdir = Path(tmp) / f"r{round_index}-v{i}"
                 found[label].append(img_per_s(args.shards, args.budget, args.kimg, overrides,
                                               outdir))  # fmt: skip
-    first = statistics.mean(found[VARIANTS[0][0]])
+                print(f"  round {round_index}: {label}: {found[label][-1]:.1f} img/s", flush=True)
+    first = statistics.mean(found[variants[0][0]])
     print(f"{'variant':40s} {'img/s per round':>24s} {'mean':>8s} {'vs first':>9s}")
     for label, values in found.items():
         rounds = " ".join(f"{v:6.1f}" for v in values)
