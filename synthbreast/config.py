@@ -69,6 +69,20 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def with_resolved_paths(config: Any, *names: str) -> Any:
+    """`config` with the named path fields (a path, a list of paths, or None) absolute and
+    resolved, so one folder spelled two ways (relative, absolute, via a symlink) is one job."""
+
+    def resolve(value: Any) -> Any:
+        if value is None or value == "":
+            return value
+        if isinstance(value, (list, tuple)):
+            return [resolve(v) for v in value]
+        return str(Path(value).resolve())
+
+    return dataclasses.replace(config, **{n: resolve(getattr(config, n)) for n in names})
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a job config, with its kind so a reader knows which job wrote it."""
     return {"job": type(config).__name__, **dataclasses.asdict(config)}

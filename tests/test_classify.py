@@ -210,6 +210,14 @@ def test_cli_every_scenario_end_to_end(tmp_path, demo_shards, synthetic):
     result = invoke("classify", "--task-id", "0", *args)
     assert result.exit_code == 0, result.output
     assert metrics_file.stat().st_mtime_ns == stamp
+    # the same folder spelled another way (through a symlink, with '.') is the same job
+    alias = tmp_path / "alias"
+    alias.symlink_to(Path(demo_shards).parent)
+    spelled = alias / "." / Path(demo_shards).name
+    moved = ["--real", spelled, "--synthetic", synthetic, "--out", out, *FAST]
+    result = invoke("classify", "--task-id", "0", *moved)
+    assert result.exit_code == 0 and "complete, skipped" in result.output, result.output
+    assert metrics_file.stat().st_mtime_ns == stamp
     # another config in a finished folder is refused; --force redoes it (features kept)
     result = invoke("classify", "--task-id", "0", *args, "--epochs", "3")
     assert result.exit_code == 2 and "--force" in result.output and "epochs" in result.output

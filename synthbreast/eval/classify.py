@@ -44,7 +44,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from synthbreast import __version__
-from synthbreast.config import ClassifyConfig, run_only_fields, save_config, to_dict
+from synthbreast.config import (
+    ClassifyConfig,
+    run_only_fields,
+    save_config,
+    to_dict,
+    with_resolved_paths,
+)
 from synthbreast.data.shards import (
     decode_image,
     image_bytes,
@@ -563,6 +569,7 @@ def run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) 
 
 def _run_classify(config: ClassifyConfig, progress=None, log: Log | None = None) -> Path:
     validate(config)
+    config = with_resolved_paths(config, "real", "synthetic")  # compared with a finished run
     scenario, task_id = resolve_scenario(config.scenario, config.task_id)
     # name and index both recorded, so --task-id 0 and --scenario real-real are the same job
     config = dataclasses.replace(config, scenario=scenario.name, task_id=task_id)

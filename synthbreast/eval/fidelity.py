@@ -39,6 +39,7 @@ from synthbreast.config import (
     identity_differences,
     save_config,
     to_dict,
+    with_resolved_paths,
 )
 from synthbreast.data.shards import load_manifest
 from synthbreast.devices import choose_device
@@ -601,6 +602,8 @@ def run_fidelity(
     started = time.perf_counter()
     say = log or (lambda text: None)
     validate(config)
+    # compared with a finished result: one folder spelled two ways is the same input
+    config = with_resolved_paths(config, "real", "synthetic", "classifier_run")
     out = Path(config.out)
     result_path = out / FIDELITY
 
