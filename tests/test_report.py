@@ -725,3 +725,36 @@ def test_a_fidelity_json_embeds_only_its_own_figures_under_safe_names(report, tm
     assert f"{fidelity_json}: closest-absolute '{secret}' is not a figure" in problems
     assert f"{fidelity_json}: closest-linked 'closest-pairs-x.png' links out of" in problems
     assert f"{fidelity_json}: histograms_png 'histograms.png' is not a PNG file" in problems
+
+
+def test_three_classes_of_demo_mammograms_are_named_so(demo_shards, tmp_path):
+    """A 3-class run on the demo films: the banner names mammograms and MIAS (not IDC), the
+    combined ROC section points to the per-class curves, and each class has its ROC plot."""
+    from synthbreast.eval.metrics import multiclass_metrics
+
+    runs = tmp_path / "runs"
+    shards = runs / "shards"
+    shutil.copytree(demo_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["source"] |= {"format": "mias", "class_names": ["healthy", "benign", "malignant"]}
+    save_manifest(shards, manifest)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    probs = rng.dirichlet([1, 1, 1], size=30) + np.eye(3)[y]
+    probs /= probs.sum(axis=1, keepdims=True)
+    patients = [f"p{i % 6}" for i in range(30)]
+    result = multiclass_metrics(
+        y, probs, patients, n_boot=50, class_names=["healthy", "benign", "malignant"]
+    )
+    real = {"path": str(shards / "manifest.json"), "sha256": sha256_file(shards / "manifest.json")}
+    metrics_json = metrics("real-real", result["accuracy"], [real], "none") | result
+    folder = runs / "classify" / "real-real"
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / "config.json", {"job": "ClassifyConfig", "scenario": "real-real"})
+    atomic_write_json(folder / "metrics.json", metrics_json)
+    md, _ = report_of(runs, tmp_path / "report")
+    banner = next(line for line in md.splitlines() if "DEMO DATA" in line)
+    assert "mammograms" in banner and "MIAS" in banner and "IDC" not in banner
+    assert "the ROC curves are per class" in section(md, "ROC curves")
+    for name in ("healthy", "benign", "malignant"):
+        assert (tmp_path / "report" / "figures" / f"roc-{name}.svg").is_file()

@@ -99,6 +99,11 @@ class ShardFolder:
     def demo(self) -> bool:
         return bool(self.manifest.get("source", {}).get("demo"))
 
+    @property
+    def format(self) -> str:
+        """The ingest layout the shards came from (idc, mias, cbis-ddsm, csv, ...)."""
+        return str(self.manifest.get("source", {}).get("format") or "idc")
+
     def labels(self) -> list[int]:
         """Classes present in this folder's shards, from the manifest alone."""
         found = {int(c) for s in self.manifest.get("shards", []) for c in s.get("counts", {})}

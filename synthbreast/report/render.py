@@ -537,7 +537,17 @@ def roc_section(doc: Document, collected: Collected, banners: list[str] | None =
             auc = num((run.metrics or {}).get("roc_auc"))
             series.append(Series(f"{run.name} (AUC {auc})", roc["fpr"], roc["tpr"]))
     if not series:
-        doc.add(Para("No scenario with a ROC curve (no successful classify run)."))
+        multiclass = [
+            r.name
+            for r in collected.scenarios
+            if r.status == OK and (r.metrics or {}).get("per_class")
+        ]
+        if multiclass:  # K > 2 classes: one ROC plot per class in the per-class section
+            doc.add(
+                Para("More than two classes: the ROC curves are per class, one-vs-rest, below.")
+            )
+        else:
+            doc.add(Para("No scenario with a ROC curve (no successful classify run)."))
         return
     warn(doc, banners)
     svg = line_plot(
@@ -1123,12 +1133,16 @@ def build_document(collected: Collected, config: ReportConfig) -> tuple[Document
             f"of {len(collected.scenarios)}."
         )
     )
-    if any(folder.demo for folder in collected.real_shards):
+    demo = [folder for folder in collected.real_shards if folder.demo]
+    if demo:
+        # what the demo stands in for: histology patches (idc) or mammograms (mias)
+        what = {"idc": ("patches", "tissue", "IDC"), "mias": ("films", "mammograms", "MIAS")}
+        images, real, dataset = what.get(demo[0].format, what["idc"])
         doc.add(
             Para(
-                "DEMO DATA: the real shards are synthbreast's procedural demo patches, not real "
-                "tissue. These numbers test the machinery; they say nothing about IDC and are "
-                "not comparable to the paper.",
+                f"DEMO DATA: the real shards are synthbreast's procedural demo {images}, not real "
+                f"{real}. These numbers test the machinery; they say nothing about {dataset} "
+                "and are not comparable to the papers.",
                 warn=True,
             )
         )
