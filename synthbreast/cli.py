@@ -936,6 +936,10 @@ def submit_study(
     balance_minority: Annotated[
         bool, typer.Option(help="Synthetic images for the minority classes only.")
     ] = False,
+    singan_models: Annotated[
+        str,
+        typer.Option(help="Model-count arms, e.g. 2,4,6,8 (generate-singan --synthetic folders)."),
+    ] = "",
     tasks: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Array indices, e.g. 7 or 0-14 [default: every task]."),
@@ -950,7 +954,14 @@ def submit_study(
     """The augmentation study as one array job (task k runs `synthbreast study --task-id k`),
     then its summary (`study --collect`) and the report of OUT (OUT/report)."""
     from synthbreast.config import StudyConfig
-    from synthbreast.eval.study import normalise, parse_ratios, parse_seeds, task_list, validate
+    from synthbreast.eval.study import (
+        normalise,
+        parse_models,
+        parse_ratios,
+        parse_seeds,
+        task_list,
+        validate,
+    )
     from synthbreast.submit import study_jobs, task_spec
 
     real, out = real.absolute(), out.absolute()
@@ -958,7 +969,7 @@ def submit_study(
     config = StudyConfig(
         out=str(out), real=str(real), synthetic=[str(s) for s in synthetic], folds=folds,
         synth_ratios=parse_ratios(synth_ratio), seeds=parse_seeds(seeds),
-        balance_minority=balance_minority,
+        balance_minority=balance_minority, singan_models=parse_models(singan_models),
     )  # fmt: skip
     config = normalise(config)
     validate(config)
@@ -967,6 +978,8 @@ def submit_study(
     study_args += ["--synth-ratio", ",".join(f"{r:g}" for r in config.synth_ratios)]
     study_args += ["--seeds", ",".join(map(str, config.seeds))]
     study_args += ["--balance-minority"] if balance_minority else []
+    if config.singan_models:
+        study_args += ["--singan-models", ",".join(map(str, config.singan_models))]
     study_args += extra.split()
     _submit(study_jobs(real, synthetic, out, study_args, spec), out, sbatch_args, dry_run)
 
@@ -1261,6 +1274,14 @@ def study(
             "majority (1 = up to the majority's count)."
         ),
     ] = False,
+    singan_models: Annotated[
+        str,
+        typer.Option(
+            help="Model-count arms, e.g. 2,4,6,8: arm K adds the images of the first K SinGAN "
+            "models (--synthetic: generate-singan folders), the same number in every arm "
+            "(one --synth-ratio); 0 (real only) is always in [default: ratio arms]."
+        ),
+    ] = "",
     task_id: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="Run this task only (a Slurm array task) [default: every task]."),
@@ -1305,6 +1326,7 @@ def study(
     from synthbreast.config import StudyConfig
     from synthbreast.eval.study import (
         normalise,
+        parse_models,
         parse_ratios,
         parse_seeds,
         run_study,
@@ -1329,7 +1351,8 @@ def study(
         config = StudyConfig(
             out=str(out), real=str(real), synthetic=[str(s) for s in synthetic or []],
             folds=folds, synth_ratios=parse_ratios(synth_ratio), seeds=parse_seeds(seeds),
-            balance_minority=balance_minority, task_id=task_id, backbone=backbone,
+            balance_minority=balance_minority, singan_models=parse_models(singan_models),
+            task_id=task_id, backbone=backbone,
             weights=weights, weights_path=str(weights_path) if weights_path else None,
             mode=mode, input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
             cache_features=cache, feature_cache=str(feature_cache) if feature_cache else None,
@@ -1341,7 +1364,8 @@ def study(
         validate(config)
         if dry_run:
             print(dumps(config))
-            print(f"tasks: {len(task_list(config))} (seeds x folds x ratios)")
+            arms = "SinGAN model counts" if config.singan_models else "ratios"
+            print(f"tasks: {len(task_list(config))} (seeds x folds x {arms})")
             return
         with progress_bar(unit="task") as progress:
             path = run_study(config, progress, log=print_tick)
@@ -1352,7 +1376,7 @@ def study(
     header, rows = summary_table(summary)
     table = Table(title=f"{path}: {summary['folds']}-fold, seeds {summary['seeds']}")
     for column in header:
-        table.add_column(column, justify="left" if column == "ratio" else "right")
+        table.add_column(column, justify="left" if column == header[0] else "right")
     for row in rows:
         table.add_row(*row)
     shown.print(table)

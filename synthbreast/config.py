@@ -363,7 +363,8 @@ class StudyConfig:
     train and test pools (never the gan pool: the GAN saw those patients), real-only (ratio 0)
     against real plus ratio x synthetic images per class, repeated over seeds, with the
     classifier of `synthbreast classify` (synthbreast/eval/study.py). One task per
-    (seed, fold, ratio); writes OUT/config.json, OUT/tasks/<task>.json and OUT/summary.json.
+    (seed, fold, ratio), or per (seed, fold, SinGAN model count) with `singan_models`; writes
+    OUT/config.json, OUT/tasks/<task>.json and OUT/summary.json.
     """
 
     out: str = run_only()
@@ -373,6 +374,11 @@ class StudyConfig:
     synth_ratios: list[float] = dataclasses.field(default_factory=lambda: [0, 0.25, 0.5, 1, 2])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # split, init, order
     balance_minority: bool = False  # synthetic for minority classes only: ratio x the gap
+    # Model-count arms (the BCDR thesis): arm K adds the same number of images as every other
+    # arm (the one ratio > 0 of synth_ratios), drawn from the first K models of the SinGAN
+    # selection alone; arm 0 is real only. The synthetic folders are generate-singan outputs.
+    # [] = the ratio arms of synth_ratios.
+    singan_models: list[int] = dataclasses.field(default_factory=list)
     task_id: int | None = run_only(None)  # one task of the ordered list (Slurm array); None: all
     backbone: str = "resnet18"  # the classifier options are classify's
     weights: str = "imagenet"

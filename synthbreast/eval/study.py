@@ -11,8 +11,20 @@ tested on the fold's patients. With `balance_minority` (the thesis's protocol) t
 images go to the minority classes only: round(ratio x (majority count - class count)), so
 ratio 1 fills each minority class up to the majority's count.
 
-One task = (seed, fold, ratio). The ordered task list is a pure function of the config
-(`task_list`; seed-major, then fold, then ratio), so a Slurm array task needs only its index.
+SinGAN model-count arms (`singan_models`, the BCDR thesis's question: how many SinGAN models,
+one per real image, should the synthetic images come from?): the synthetic folders are
+generate-singan outputs, and arm K adds images of the first K models of the train-singan
+selection alone (each sample's json names its model, the folder's manifest maps it to the
+selection's index). Every arm adds the same number per class: synthetic_limit of the one
+ratio > 0 of `synth_ratios` (with `balance_minority`, the gap to the majority), which depends
+on the fold's real images only; inside an arm the models take turns (the smallest seeded
+hashes of each model first), so each gives the same share to within one. Arm 0 is real only.
+An arm whose models hold fewer images of a class than that number is an error, not a smaller
+arm: the arms would then differ in count as well as in models.
+
+One task = (seed, fold, ratio), or (seed, fold, model count). The ordered task list is a pure
+function of the config (`task_list`; seed-major, then fold, then arm), so a Slurm array task
+needs only its index.
 
 Stages of a run: normalise and check the config -> refuse an OUT holding another study, else
 write OUT/config.json -> per seed: build the classifier (seeded), read the real and synthetic
@@ -37,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import time
 import warnings
@@ -91,16 +104,32 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def parse_models(text: str) -> list[int]:
+    """'2,4,6,8' -> [2, 4, 6, 8]."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(
+            f"--singan-models {text!r}: give model counts separated by commas, e.g. 2,4,6,8"
+        ) from None
+    return values
+
+
 def normalise(config: StudyConfig) -> StudyConfig:
     """Ratios sorted and unique with 0 (real-only, the baseline of every pair) always in;
-    seeds sorted and unique. `--synth-ratio 1,0.5` and `0,0.5,1` are then the same study."""
+    seeds sorted and unique; model counts likewise, 0 (real only) in when any is given.
+    `--synth-ratio 1,0.5` and `0,0.5,1` are then the same study."""
     for ratio in config.synth_ratios:
         if not math.isfinite(ratio) or ratio < 0:
             raise UserError(f"--synth-ratio {ratio} must be a finite number >= 0")
+    for count in config.singan_models:
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise UserError(f"--singan-models {count!r}: model counts are whole numbers >= 0")
     ratios = sorted({0.0, *(float(r) for r in config.synth_ratios)})
     ratios = [int(r) if r.is_integer() else r for r in ratios]  # 1, not 1.0, in config.json
     seeds = sorted({int(s) for s in config.seeds})
-    return dataclasses.replace(config, synth_ratios=ratios, seeds=seeds)
+    models = sorted({0, *config.singan_models}) if config.singan_models else []
+    return dataclasses.replace(config, synth_ratios=ratios, seeds=seeds, singan_models=models)
 
 
 @dataclass(frozen=True)
@@ -109,18 +138,45 @@ class Task:
     seed: int
     fold: int
     ratio: float
+    models: int | None = None  # a model-count arm: its images come from models 0..models-1
 
     @property
     def name(self) -> str:
-        return f"{self.index:04d}-seed{self.seed}-fold{self.fold}-ratio{self.ratio:g}"
+        arm = f"ratio{self.ratio:g}" if self.models is None else f"models{self.models}"
+        return f"{self.index:04d}-seed{self.seed}-fold{self.fold}-{arm}"
+
+    @property
+    def arm(self) -> tuple[float, int | None]:
+        return (self.ratio, self.models)
+
+
+def arms(config: StudyConfig) -> list[tuple[float, int | None]]:
+    """The study's arms in order, the baseline first: (ratio, None) per ratio, or, with
+    model-count arms, (0, 0) then (the one ratio > 0, K) per model count K."""
+    config = normalise(config)
+    if not config.singan_models:
+        return [(ratio, None) for ratio in config.synth_ratios]
+    ratio = max(config.synth_ratios)
+    return [(ratio if count else 0, count) for count in config.singan_models]
+
+
+def arm_label(ratio: float, models: int | None) -> str:
+    """How tables name an arm: '0.25', or '0 models (real only)', '1 model', '4 models'."""
+    if models is None:
+        return f"{ratio:g}"
+    if models == 0:
+        return "0 models (real only)"
+    return f"{models} model{'s' if models != 1 else ''}"
 
 
 def task_list(config: StudyConfig) -> list[Task]:
     """Every task in array order: seed-major (the tasks of a seed share one backbone and one
-    feature pass), then fold, then ratio (real-only first)."""
+    feature pass), then fold, then arm (real-only first)."""
     config = normalise(config)
-    combos = itertools.product(config.seeds, range(config.folds), config.synth_ratios)
-    return [Task(i, seed, fold, ratio) for i, (seed, fold, ratio) in enumerate(combos)]
+    combos = itertools.product(config.seeds, range(config.folds), arms(config))
+    return [
+        Task(i, seed, fold, ratio, models) for i, (seed, fold, (ratio, models)) in enumerate(combos)
+    ]
 
 
 def validate(config: StudyConfig) -> None:
@@ -129,6 +185,17 @@ def validate(config: StudyConfig) -> None:
         raise UserError(f"--folds {config.folds}: cross-validation needs at least 2 folds")
     if not config.seeds:
         raise UserError("--seeds: give at least one seed")
+    if config.singan_models:
+        config = normalise(config)
+        if max(config.singan_models) == 0:
+            raise UserError("--singan-models: give a model count above 0, e.g. 2,4,6,8")
+        positive = [r for r in config.synth_ratios if r > 0]
+        if len(positive) != 1:
+            given = ",".join(f"{r:g}" for r in positive) or "none"
+            raise UserError(
+                f"--singan-models adds the same number of images in every arm: give one "
+                f"--synth-ratio above 0 (e.g. --synth-ratio 1 --balance-minority), not {given}"
+            )
     count = len(task_list(config))
     if config.task_id is not None and not 0 <= config.task_id < count:
         raise UserError(
@@ -143,7 +210,9 @@ def config_from_dict(data: dict[str, Any]) -> StudyConfig:
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _RUN_ONLY_FIELDS}
+    """The identity of a config.json, with the defaults of fields added since it was written."""
+    filled = to_dict(config_from_dict(config))
+    return {k: v for k, v in filled.items() if k not in _RUN_ONLY_FIELDS}
 
 
 def task_path(out: Path, task: Task) -> Path:
@@ -359,8 +428,8 @@ def summarise(
     train_images = sum(r["real_train_images"] for r in baseline.values() if r)
     test_over_train = test_images / train_images if train_images else None
     rows = []
-    for ratio in study.synth_ratios:
-        own = [t for t in tasks if t.ratio == ratio]
+    for ratio, models in arms(study):
+        own = [t for t in tasks if t.arm == (ratio, models)]
         done = [by_index[t.index] for t in own if t.index in by_index]
         synthetic_counts = {
             str(c): spread([r["counts"]["synthetic_train"].get(str(c), 0) for r in done])["mean"]
@@ -368,6 +437,8 @@ def summarise(
         }
         row: dict[str, Any] = {
             "ratio": ratio,
+            "models": models,
+            "arm": arm_label(ratio, models),
             "tasks": len(own),
             "done": len(done),
             "real_train_images": mean_of(done, "real_train_images"),
@@ -376,6 +447,13 @@ def summarise(
             "test_images": mean_of(done, "test_images"),
             "metrics": {m: spread([value(r, m) for r in done]) for m in metrics},
         }
+        if models is not None:  # the images per SinGAN model of the arm, mean over its tasks
+            used = sorted({m for r in done for m in r["counts"].get("synthetic_per_model", {})},
+                          key=int)  # fmt: skip
+            row["synthetic_per_model"] = {
+                m: spread([r["counts"]["synthetic_per_model"].get(m, 0) for r in done])["mean"]
+                for m in used
+            }
         if ratio != 0:
             paired = {}
             for m in metrics:
@@ -388,14 +466,17 @@ def summarise(
             row["vs_real_only"] = paired
         rows.append(row)
     patients = sorted({p for r in results for p in r.get("test_patient_ids", [])})
+    names = next((r["class_names"] for r in results if r.get("class_names")), None)
     missing = [t.name for t in tasks if t.index not in by_index and t.name not in failed]
     return {
         "schema": STUDY_SUMMARY_SCHEMA,
         "folds": study.folds,
         "seeds": study.seeds,
         "ratios": study.synth_ratios,
+        "singan_models": study.singan_models,
         "balance_minority": study.balance_minority,
         "classes": classes,
+        "class_names": names,
         "metrics": metrics,
         "patients": len(patients),
         "tasks": {
@@ -444,23 +525,44 @@ def interval_text(entry: dict[str, Any] | None, key: str = "ci95", digits: int =
     return text
 
 
+def metric_name(metric: str, summary: dict[str, Any] | None = None) -> str:
+    """'AUC', 'balanced accuracy', ... or 'AUC malignant' (the class's name when known)."""
+    if not metric.startswith("auc_class"):
+        return METRIC_NAMES.get(metric, metric)
+    label = metric.removeprefix("auc_class")
+    names = (summary or {}).get("class_names") or []
+    if label.isdigit() and int(label) < len(names):
+        return f"AUC {names[int(label)]}"
+    return f"AUC class {label}"
+
+
+def per_class_metrics(summary: dict[str, Any]) -> list[str]:
+    """The per-class AUC metrics of a summary (more than 2 classes), in class order."""
+    return [m for m in summary.get("metrics", []) if m.startswith("auc_class")]
+
+
 def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the study table: one row per ratio."""
-    header = ["ratio", "tasks", "real train", "synthetic train"]
+    """(header, rows) of the study table: one row per arm (a ratio, or a SinGAN model count),
+    with each class's AUC when there are more than 2 classes."""
+    per_class = per_class_metrics(summary)
+    header = ["SinGAN models" if summary.get("singan_models") else "ratio"]
+    header += ["tasks", "real train", "synthetic train"]
     header += [f"{METRIC_NAMES[m]} (mean ± sd)" for m in METRICS]
+    header += [f"{metric_name(m, summary)} (mean ± sd)" for m in per_class]
     header += ["ΔAUC vs real-only [95% t]", "ΔAUC [95% corrected]"]
     rows = []
     for row in summary["rows"]:
         paired = (row.get("vs_real_only") or {}).get("auc")
         rows.append(
             [
-                f"{row['ratio']:g}",
+                row.get("arm") or f"{row['ratio']:g}",
                 f"{row['done']}/{row['tasks']}",
                 "-" if row["real_train_images"] is None else f"{row['real_train_images']:.0f}",
                 "-"
                 if row["synthetic_train_images"] is None
                 else f"{row['synthetic_train_images']:.0f}",
                 *(mean_sd(row["metrics"][m]) for m in METRICS),
+                *(mean_sd(row["metrics"][m]) for m in per_class),
                 interval_text(paired) if row["ratio"] else "(baseline)",
                 interval_text(paired, "ci95_corrected") if row["ratio"] else "",
             ]
@@ -480,6 +582,9 @@ class Sources:
     classes: list[int]
     patient_level: bool
     inputs: dict[str, Any]  # the manifests and their sha256, recorded in every task result
+    class_names: list[str] | None = None
+    # model-count arms: {manifest path: selection index of the sample json's `model` m}
+    singan_index: dict[str, list[int]] | None = None
 
 
 def plan_sources(config: StudyConfig) -> Sources:
@@ -493,7 +598,8 @@ def plan_sources(config: StudyConfig) -> Sources:
 
     needs_synthetic = any(r > 0 for r in config.synth_ratios)
     if needs_synthetic:
-        synthetic_folders(config.synthetic, "--synth-ratio above 0")  # the study's own message
+        needed_by = "--singan-models" if config.singan_models else "--synth-ratio above 0"
+        synthetic_folders(config.synthetic, needed_by)  # the study's own message
     name = "real+synth-real" if needs_synthetic else "real-real"
     plan = plan_scenario(SCENARIOS[name], 0, config.real, config.synthetic)
     sizes = plan.image_sizes()
@@ -515,7 +621,50 @@ def plan_sources(config: StudyConfig) -> Sources:
         "real": real.manifests(),
         "synthetic": DataPlan((synthetic,)).manifests() if synthetic else [],
     }
-    return Sources(real, synthetic, classes, real.patient_level, inputs)
+    names = read_json(Path(real_train.shards[0].manifest))["source"].get("class_names")
+    singan_index = None
+    if config.singan_models:
+        singan_index = singan_selection_index(inputs["synthetic"], config.singan_models)
+    return Sources(real, synthetic, classes, real.patient_level, inputs, names, singan_index)
+
+
+def singan_selection_index(
+    manifests: list[dict[str, str]], counts: Sequence[int]
+) -> dict[str, list[int]]:
+    """{manifest path: [selection index of model m]} of generate-singan folders, refusing
+    other folders, folders of two different train-singan selections, and an arm asking for
+    more models than the folders hold (arm K needs models 0..K-1)."""
+    index: dict[str, list[int]] = {}
+    seen: dict[int, tuple[str, str]] = {}  # selection index -> (model sha256, manifest)
+    for entry in manifests:
+        source = read_json(Path(entry["path"])).get("source", {})
+        folder = Path(entry["path"]).parent
+        if source.get("model_name") != "singan" or not source.get("models"):
+            raise UserError(
+                f"--singan-models: --synthetic {folder} was not made by `synthbreast "
+                "generate-singan` (its manifest lists no SinGAN models): give generate-singan "
+                "--out folders only"
+            )
+        index[entry["path"]] = [int(m["index"]) for m in source["models"]]
+        for model in source["models"]:
+            before = seen.setdefault(int(model["index"]), (model["sha256"], str(folder)))
+            if before[0] != model["sha256"]:
+                raise UserError(
+                    f"--singan-models: --synthetic {before[1]} and {folder} hold different "
+                    f"models {model['index']} (two train-singan selections): generate every "
+                    "folder from the same train-singan --outdir"
+                )
+    present = set(seen)
+    for count in counts:
+        if not set(range(count)) <= present:
+            have = len([i for i in range(max(counts)) if i in present])
+            raise UserError(
+                f"--singan-models {count}: the --synthetic folders hold samples of {have} "
+                f"SinGAN models ({', '.join(map(str, sorted(present)))}); give counts up to "
+                f"{have}, or train and generate more (train-singan --images, generate-singan "
+                "--num-models)"
+            )
+    return index
 
 
 def classify_config(config: StudyConfig, seed: int):
@@ -551,6 +700,7 @@ class Prepared:
     real: Any  # Samples of both real pools
     synthetic: Any | None  # Samples of every synthetic image
     synthetic_shards: list[str]  # each synthetic sample's shard sha256 (the selection hash)
+    synthetic_models: list[int] | None  # model-count arms: each sample's model (selection index)
     forward: Callable
     prepare: Callable
     cached: bool
@@ -613,18 +763,78 @@ def prepare_seed(
             return preprocess(x, size, device, *norm)
 
     real = load_plan(sources.real, seed, loader)
-    synthetic, shards = None, []
+    synthetic, shards, models = None, [], None
     if sources.synthetic is not None:
         loaded = [loader(ref, "synthetic") for ref in sources.synthetic.shards]
         synthetic = Samples.concat(loaded)
         shards = [
             r.sha256 for r, s in zip(sources.synthetic.shards, loaded, strict=True) for _ in s.keys
         ]
+        if sources.singan_index is not None:
+            models = sample_models(sources.synthetic.shards, sources.singan_index, synthetic.keys,
+                                   shards)  # fmt: skip
     if cached:
         real.x = real.x.to(device)
         if synthetic is not None:
             synthetic.x = synthetic.x.to(device)
-    return Prepared(model, initial, real, synthetic, shards, forward, prepare, cached, feature_dir)
+    return Prepared(model, initial, real, synthetic, shards, models, forward, prepare, cached,
+                    feature_dir)  # fmt: skip
+
+
+def sample_models(
+    refs: Sequence[Any], singan_index: dict[str, list[int]], keys: Sequence[str],
+    shards: Sequence[str],
+) -> list[int]:  # fmt: skip
+    """Each synthetic sample's model as its index in the train-singan selection: the `model`
+    m of its json (the m-th model generate-singan used), mapped through its manifest's list
+    of models. In the order of `keys` (with their shards' sha256, `shards`)."""
+    from synthbreast.data.shards import iter_shard
+
+    found: dict[tuple[str, str], int] = {}
+    for ref in refs:
+        positions = singan_index[ref.manifest]
+        for sample in iter_shard(ref.path):
+            model = json.loads(sample["json"]).get("model")
+            if not isinstance(model, int) or not 0 <= model < len(positions):
+                raise UserError(
+                    f"--singan-models: sample {sample['__key__']} of {ref.path} names no model "
+                    f"of {ref.manifest} ({model!r}): make the folder again with generate-singan"
+                )
+            found[(ref.sha256, sample["__key__"])] = positions[model]
+    return [found[(s, k)] for s, k in zip(shards, keys, strict=True)]
+
+
+def singan_arm_mask(
+    models: Sequence[int], labels: Sequence[int], hashes: Sequence[float],
+    limit: dict[int, int], count: int,
+) -> list[bool]:  # fmt: skip
+    """Arm `count` of a model-count study: per class, `limit[c]` of its samples of models
+    0..count-1, the models taking turns (each model's smallest hashes first), so every model
+    gives the same share to within one. Fewer than `limit[c]` there: a UserError, as the arms
+    must add the same number; a class no model drew (the SinGANs are of one class) adds none."""
+    keep = [False] * len(models)
+    for label, wanted in sorted(limit.items()):
+        own = [i for i, y in enumerate(labels) if y == label]
+        if not own or not wanted:
+            continue
+        by_model: dict[int, list[int]] = {}
+        for i in own:
+            if models[i] < count:
+                by_model.setdefault(models[i], []).append(i)
+        turns = sorted(
+            (rank, model, i)
+            for model, members in by_model.items()
+            for rank, i in enumerate(sorted(members, key=lambda i: hashes[i]))
+        )
+        if len(turns) < wanted:
+            raise UserError(
+                f"--singan-models {count}: models 0..{count - 1} drew {len(turns)} images of "
+                f"class {label} and every arm adds {wanted}: generate more images per model "
+                "(generate-singan --shards/--per-shard), or lower --synth-ratio"
+            )
+        for _, _, i in turns[:wanted]:
+            keep[i] = True
+    return keep
 
 
 def run_task(
@@ -651,12 +861,20 @@ def run_task(
     real_counts = {c: int((train_real.labels == c).sum()) for c in classes}
     limit = synthetic_limit(real_counts, task.ratio, config.balance_minority)
     train, synthetic_counts = train_real, {str(c): 0 for c in classes}
+    per_model: dict[str, int] = {}
     if sum(limit.values()) > 0 and prepared.synthetic is not None:
-        part = dataclasses.replace(sources.synthetic, select=PER_CLASS_LIMIT, limit=limit)
         synth = prepared.synthetic
-        keep = keep_mask(
-            part, prepared.synthetic_shards, synth.keys, synth.labels.tolist(), task.seed
-        )
+        if task.models is not None:
+            keep = arm_mask(task, prepared, limit)
+            per_model = dict.fromkeys(map(str, range(task.models)), 0)
+            for model, kept in zip(prepared.synthetic_models, keep, strict=True):
+                if kept:
+                    per_model[str(model)] += 1
+        else:
+            part = dataclasses.replace(sources.synthetic, select=PER_CLASS_LIMIT, limit=limit)
+            keep = keep_mask(
+                part, prepared.synthetic_shards, synth.keys, synth.labels.tolist(), task.seed
+            )
         chosen = synth.select(keep)
         synthetic_counts.update({str(c): int((chosen.labels == c).sum()) for c in classes})
         train = Samples.concat([train_real, chosen])
@@ -693,10 +911,19 @@ def run_task(
         prob = torch.cat(probs).double().numpy()
     measured = task_metrics(test.labels.numpy(), prob, classes)
     test_counts = {str(c): int((test.labels == c).sum()) for c in classes}
+    counts: dict[str, Any] = {
+        "real_train": {str(c): n for c, n in real_counts.items()},
+        "synthetic_train": synthetic_counts,
+        "synthetic_limit": {str(c): n for c, n in limit.items()},
+        "test": test_counts,
+    }
+    if task.models is not None:
+        counts["synthetic_per_model"] = per_model
     return {
         "schema": STUDY_TASK_SCHEMA,
         "task": {**dataclasses.asdict(task), "name": task.name, "of": len(task_list(config))},
         "classes": classes,
+        "class_names": sources.class_names,
         **measured,
         "real_train_images": len(train_real),
         "synthetic_train_images": sum(synthetic_counts.values()),
@@ -704,12 +931,7 @@ def run_task(
         "train_patients": len(set(train_real.patients)),
         "test_patients": len(set(test.patients)),
         "test_patient_ids": sorted(set(test.patients)),
-        "counts": {
-            "real_train": {str(c): n for c, n in real_counts.items()},
-            "synthetic_train": synthetic_counts,
-            "synthetic_limit": {str(c): n for c, n in limit.items()},
-            "test": test_counts,
-        },
+        "counts": counts,
         "patient_level": sources.patient_level,
         "inputs": sources.inputs,
         "model": {
@@ -729,6 +951,34 @@ def run_task(
         "config": to_dict(config),
         "created_by": f"synthbreast {__version__}",
     }
+
+
+def arm_mask(task: Task, prepared: Prepared, limit: dict[int, int]) -> list[bool]:
+    """Which synthetic samples a model-count task adds (singan_arm_mask, hashes of its seed)."""
+    from synthbreast.eval.scenarios import sample_hash
+
+    synth = prepared.synthetic
+    hashes = [
+        sample_hash(task.seed, s, k)
+        for s, k in zip(prepared.synthetic_shards, synth.keys, strict=True)
+    ]
+    return singan_arm_mask(
+        prepared.synthetic_models, synth.labels.tolist(), hashes, limit, task.models
+    )
+
+
+def check_arms(config: StudyConfig, tasks: Sequence[Task], folds: dict[str, int],
+               prepared: Prepared, classes: Sequence[int]) -> None:  # fmt: skip
+    """Every model-count task of a seed can add its number of images: checked before the
+    first trains, so a short arm stops the run before it spends any time."""
+    real = prepared.real
+    for task in tasks:
+        if not task.models or prepared.synthetic is None:
+            continue
+        train = [folds[p] != task.fold for p in real.patients]
+        labels = [y for y, t in zip(real.labels.tolist(), train, strict=True) if t]
+        counts = {c: labels.count(c) for c in classes}  # as run_task counts them
+        arm_mask(task, prepared, synthetic_limit(counts, task.ratio, config.balance_minority))
 
 
 def task_done(out: Path, task: Task, sources: Sources) -> bool:
@@ -783,6 +1033,8 @@ def run_study(config: StudyConfig, progress=None, log: Log | None = None) -> Pat
         folds = patient_folds(
             prepared.real.patients, prepared.real.labels.tolist(), config.folds, seed
         )
+        group = list(group)
+        check_arms(config, group, folds, prepared, sources.classes)
         for task in group:
             try:
                 result = run_task(config, task, folds, prepared, sources, device)

@@ -1,6 +1,8 @@
 """The report's "Augmentation study" section: each `synthbreast study` folder under RUNS as a
-table (mean ± sd per synthetic ratio, paired differences to real-only with 95% intervals) and
-two SVG plots (metric vs ratio with ± sd bars; difference vs ratio with corrected 95% bars).
+table (mean ± sd per synthetic ratio, or per SinGAN model count, paired differences to
+real-only with 95% intervals) and two SVG plots (metric vs ratio or model count with ± sd
+bars; difference vs the same with corrected 95% bars). A model-count study plots each class's
+AUC beside the mean AUC: the BCDR thesis reads the malignant class's.
 
 The summary is recomputed from the task files (synthbreast.eval.study.summarise), so the
 report shows the tasks as they are now, done or not, whatever OUT/summary.json says.
@@ -10,7 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from synthbreast.eval.study import METRIC_NAMES, METRICS, interval_text, summary_table
+from synthbreast.eval.study import (
+    METRICS,
+    interval_text,
+    metric_name,
+    per_class_metrics,
+    summary_table,
+)
 from synthbreast.report.collect import Collected, StudyRun
 from synthbreast.report.render import (
     DASH,
@@ -27,7 +35,26 @@ from synthbreast.report.svg import PALETTE, Series, line_plot
 
 SECTION = "Augmentation study"
 PLOTTED = ("auc", "balanced_accuracy")  # accuracy follows balanced accuracy on balanced folds
-COLOURS = dict(zip(PLOTTED, PALETTE, strict=False))  # one colour per metric in both plots
+
+
+def plotted(summary: dict[str, Any]) -> list[str]:
+    """The metrics the plots draw: AUC and balanced accuracy; a model-count study, AUC and
+    each class's AUC."""
+    if summary.get("singan_models"):
+        return ["auc", *per_class_metrics(summary)]
+    return list(PLOTTED)
+
+
+def colours(summary: dict[str, Any]) -> dict[str, str]:
+    """One colour per plotted metric, the same in both plots."""
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(plotted(summary))}
+
+
+def arm_x(summary: dict[str, Any]) -> list[float]:
+    """Each row's place on the x axis: its ratio, or its SinGAN model count."""
+    if summary.get("singan_models"):
+        return [float(r["models"]) for r in summary["rows"]]
+    return [float(r["ratio"]) for r in summary["rows"]]
 
 
 def bars(
@@ -60,25 +87,27 @@ def _offsets(ratios: list[float], count: int) -> list[float]:
 
 def metric_plot(summary: dict[str, Any], title: str) -> str:
     rows = summary["rows"]
-    ratios = [float(r["ratio"]) for r in rows]
+    ratios = arm_x(summary)
+    metrics, colour = plotted(summary), colours(summary)
     series = []
-    for shift, metric in zip(_offsets(ratios, len(PLOTTED)), PLOTTED, strict=True):
+    for shift, metric in zip(_offsets(ratios, len(metrics)), metrics, strict=True):
         entries = [r["metrics"][metric] for r in rows]
         centres = [e["mean"] for e in entries]
         sds = [e["sd"] or 0.0 for e in entries]
         lows = [None if m is None else m - s for m, s in zip(centres, sds, strict=True)]
         highs = [None if m is None else m + s for m, s in zip(centres, sds, strict=True)]
         xs = [r + shift for r in ratios]
-        label = f"{METRIC_NAMES[metric]} (mean ± sd)"
-        series.append(bars(label, xs, centres, lows, highs, COLOURS[metric]))
+        label = f"{metric_name(metric, summary)} (mean ± sd)"
+        series.append(bars(label, xs, centres, lows, highs, colour[metric]))
     return line_plot(series, title, _xlabel(summary), "metric on held-out patients")
 
 
 def difference_plot(summary: dict[str, Any], title: str) -> str:
     rows = summary["rows"]
-    ratios = [float(r["ratio"]) for r in rows]
+    ratios = arm_x(summary)
+    metrics, colour = plotted(summary), colours(summary)
     series = [Series("no difference", [min(ratios), max(ratios)], [0.0, 0.0], "#999", "4 4")]
-    for shift, metric in zip(_offsets(ratios, len(PLOTTED)), PLOTTED, strict=True):
+    for shift, metric in zip(_offsets(ratios, len(metrics)), metrics, strict=True):
         centres, lows, highs = [], [], []
         for row in rows:
             entry = (row.get("vs_real_only") or {}).get(metric)
@@ -89,19 +118,22 @@ def difference_plot(summary: dict[str, Any], title: str) -> str:
             lows.append(interval[0])
             highs.append(interval[1])
         xs = [r + shift for r in ratios]
-        label = f"Δ {METRIC_NAMES[metric]} (corrected 95%)"
-        series.append(bars(label, xs, centres, lows, highs, COLOURS[metric]))
+        label = f"Δ {metric_name(metric, summary)} (corrected 95%)"
+        series.append(bars(label, xs, centres, lows, highs, colour[metric]))
     return line_plot(series, title, _xlabel(summary), "difference to real-only")
 
 
 def _xlabel(summary: dict[str, Any]) -> str:
+    if summary.get("singan_models"):
+        return "SinGAN models the added images come from (0 = real only)"
     if summary.get("balance_minority"):
         return "synthetic ratio (x the gap of each minority class to the majority)"
     return "synthetic images per real training image, per class"
 
 
 def paired_table(summary: dict[str, Any]) -> Table:
-    header = ["ratio", "metric", "Δ mean", "sd", "pairs", "95% t interval", "95% corrected"]
+    arm = "SinGAN models" if summary.get("singan_models") else "ratio"
+    header = [arm, "metric", "Δ mean", "sd", "pairs", "95% t interval", "95% corrected"]
     rows = []
     for row in summary["rows"]:
         for metric in summary.get("metrics", METRICS):
@@ -110,8 +142,8 @@ def paired_table(summary: dict[str, Any]) -> Table:
                 continue
             rows.append(
                 [
-                    f"{row['ratio']:g}",
-                    METRIC_NAMES.get(metric, metric.replace("auc_class", "AUC class ")),
+                    row.get("arm") or f"{row['ratio']:g}",
+                    metric_name(metric, summary),
                     interval_text(entry, key=""),
                     DASH if entry.get("sd") is None else f"{entry['sd']:.3f}",
                     str(entry.get("n", 0)),
@@ -144,11 +176,21 @@ def _one_study(doc: Document, collected: Collected, number: int, study: StudyRun
         if summary.get("balance_minority")
         else "per class, round(ratio x its real training images) synthetic images"
     )
+    models = [k for k in summary.get("singan_models") or [] if k]
+    if models:
+        ratio = max(summary.get("ratios") or [0])
+        protocol = (
+            f"{protocol} (ratio {ratio:g}), the same number in every arm, drawn from the first "
+            f"{', '.join(map(str, models))} SinGAN models of the selection, each model an "
+            "equal share"
+        )
+    baseline = "0 models" if models else "ratio 0"
+    kind = "SinGAN model count" if models else "synthetic ratio"
     doc.add(
         Para(
             f"Patient-level stratified {summary['folds']}-fold cross-validation over "
             f"{summary['patients']} real patients (the ingest's train and test pools; never the "
-            f"gan pool), seeds {', '.join(map(str, summary['seeds']))}: real-only (ratio 0) "
+            f"gan pool), seeds {', '.join(map(str, summary['seeds']))}: real-only ({baseline}) "
             f"against real plus, {protocol}. Classifier: {config.get('backbone', DASH)}, "
             f"{weights_text(config.get('weights'))}, {config.get('mode', DASH)}, input "
             f"{config.get('input_size', DASH)}, {config.get('epochs', DASH)} epochs. Tasks: "
@@ -156,7 +198,7 @@ def _one_study(doc: Document, collected: Collected, number: int, study: StudyRun
         )
     )
     header, rows = summary_table(summary)
-    doc.add(Table(header, rows, caption="Mean ± sd over folds and seeds, per synthetic ratio"))
+    doc.add(Table(header, rows, caption=f"Mean ± sd over folds and seeds, per {kind}"))
     doc.add(paired_table(summary))
     name = f"study-{number}"
     doc.add(
@@ -164,8 +206,8 @@ def _one_study(doc: Document, collected: Collected, number: int, study: StudyRun
             [
                 doc.figure(
                     f"{name}-metrics.svg",
-                    "Metric vs synthetic ratio (bars: ± 1 sd over folds and seeds)",
-                    svg=metric_plot(summary, "Held-out patients vs synthetic ratio"),
+                    f"Metric vs {kind} (bars: ± 1 sd over folds and seeds)",
+                    svg=metric_plot(summary, f"Held-out patients vs {kind}"),
                 ),
                 doc.figure(
                     f"{name}-difference.svg",
