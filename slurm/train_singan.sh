@@ -4,6 +4,10 @@
 #   SHARDS=/data/mias-shards CLASS=2 IMAGES=8 sbatch --array=0-7 slurm/train_singan.sh
 #   CONFIG=singan.json sbatch --array=0-7%4 slurm/train_singan.sh   # at most 4 at once
 #
+# `synthbreast submit train-singan SHARDS --class 2 --images 8 ...` writes the config to
+# OUTDIR/configs/train-singan.json and this command line (--dry-run prints them); `submit
+# generate-singan OUTDIR --out DIR --after JOBID` then makes the shards (generate_singan.sh).
+#
 # Everything but the resources comes from the environment:
 #   CONFIG            a train-singan config (JSON: `synthbreast train-singan ... --dry-run >
 #                     FILE`): the whole job; SHARDS, CLASS, IMAGES, OUTDIR and EXTRA not read

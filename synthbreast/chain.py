@@ -30,11 +30,13 @@ from synthbreast.config import (
     FidelityConfig,
     GateConfig,
     GenerateConfig,
+    GenerateSinGANConfig,
     IngestConfig,
     PipelineBudget,
     PipelineConfig,
     ReportConfig,
     TrainGANConfig,
+    TrainSinGANConfig,
     to_dict,
 )
 from synthbreast.errors import UserError
@@ -476,6 +478,46 @@ def fidelity_outputs(config: FidelityConfig) -> dict[Path, str]:
     return file_state(config.out, FIDELITY)
 
 
+def run_train_singan_stage(stage: Stage, ctx: Context) -> str:
+    from synthbreast.train.singan import train_singan
+
+    config = stage.config
+    if config.task_id is not None:  # one model, here (what an array task runs)
+        from synthbreast.train.singan import train_one_model
+
+        return f"done: {train_one_model(config, ctx.progress)}"
+    result = train_singan(config)
+    if result["failed"]:
+        raise UserError(
+            f"SinGAN models {', '.join(map(str, result['failed']))} failed (their errors are "
+            "above): rerun the stage to train those alone"
+        )
+    return f"{len(result['trained'])} models trained, {len(result['skipped'])} already complete"
+
+
+def singan_models_state(config: TrainSinGANConfig) -> dict[Path, str]:
+    """complete (every selected image's model.json), N of M models, or missing."""
+    from synthbreast.train.singan import SELECTION, model_complete
+
+    outdir = Path(config.outdir)
+    if not (outdir / SELECTION).is_file():
+        return {outdir: "missing"}
+    try:
+        items = read_json(outdir / SELECTION)["images"]
+    except (OSError, ValueError, KeyError):
+        return {outdir: f"unreadable {SELECTION}"}
+    done = sum(model_complete(outdir, item) for item in items)
+    return {outdir: "complete" if done == len(items) else f"{done} of {len(items)} models"}
+
+
+def run_generate_singan_stage(stage: Stage, ctx: Context) -> str:
+    from synthbreast.generate_singan import run_generate_singan
+
+    # all shards here, whatever Slurm variables this process inherited
+    summary = run_generate_singan(stage.config, ctx.progress, env={})
+    return f"{summary['made']} shards made, {summary['skipped']} already complete"
+
+
 def run_report_stage(stage: Stage, ctx: Context) -> str:
     from synthbreast.report.render import run_report
 
@@ -507,6 +549,11 @@ STAGE_KINDS: dict[str, StageKind] = {
                   classify_outputs),
         StageKind("fidelity", FidelityConfig, "run.sh", run_fidelity_stage, fidelity_outputs),
         StageKind("report", ReportConfig, "report.sh", run_report_stage, report_outputs),
+        # SinGAN (one model per image): `submit train-singan` / `submit generate-singan`
+        StageKind("train-singan", TrainSinGANConfig, "train_singan.sh", run_train_singan_stage,
+                  singan_models_state),
+        StageKind("generate-singan", GenerateSinGANConfig, "generate_singan.sh",
+                  run_generate_singan_stage, lambda c: {Path(c.out): _manifest_state(c.out)}),
     )
 }  # fmt: skip
 

@@ -1552,38 +1552,67 @@ def fidelity(
 
 SinganBudget = Enum("SinganBudget", {"tiny": "tiny", "small": "small", "paper": "paper"}, type=str)
 
+# The options of train-singan, written once: `submit train-singan` takes the same ones.
+SinganShards = Annotated[
+    _Opt[Path], typer.Argument(help="A folder written by `synthbreast ingest`.")
+]
+SinganClass = Annotated[
+    _Opt[int], typer.Option("--class", help="The class whose images get a model each.")
+]
+SinganImages = Annotated[_Opt[int], typer.Option(help="Models: one per selected image [4].")]
+SinganOutdir = Annotated[
+    _Opt[Path], typer.Option(help="selection.json, config.json and models/ [singan].")
+]
+SinganPool = Annotated[_Opt[str], typer.Option(help="Pool the images come from [gan].")]
+SinganBudgetOption = Annotated[
+    _Opt[SinganBudget],
+    typer.Option(help="tiny (tests, seconds), small (CPU, 128 px), paper (250 px, GPU)."),
+]
+SinganSeed = Annotated[
+    _Opt[int], typer.Option(help="Seed of the image choice, weights and noise [0].")
+]
+SinganIterations = Annotated[_Opt[int], typer.Option(help="Iterations per scale.")]
+SinganMaxSize = Annotated[_Opt[int], typer.Option(help="Longer side of the finest scale.")]
+SinganMinSize = Annotated[_Opt[int], typer.Option(help="Shorter side of the coarsest scale.")]
+SinganDevice = Annotated[_Opt[str], typer.Option(help="auto, cpu, cuda or cuda:N [auto].")]
+SinganThreads = Annotated[_Opt[int], typer.Option(help="CPU threads per model [1].")]
+
+
+def _train_singan_config(ctx: typer.Context, config_file, shards, budget, **given):
+    """The TrainSinGANConfig of the options (a budget's values under the options given), or
+    of --config FILE with the options given laid over it; checked."""
+    from synthbreast.config import TrainSinGANConfig
+    from synthbreast.train.singan import apply_budget, validate
+
+    config = TrainSinGANConfig(shards=str(shards))
+    config = apply_budget(config, SinganBudget(budget).value if budget else None)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
+    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    config = job_config(ctx, config_file, config, required=["shards"], refused=["budget"])
+    validate(config)
+    return config
+
 
 @app.command("train-singan")
 @user_errors
 def train_singan(
     ctx: typer.Context,
-    shards: Annotated[
-        _Opt[Path], typer.Argument(help="A folder written by `synthbreast ingest`.")
-    ] = None,
-    class_label: Annotated[
-        _Opt[int], typer.Option("--class", help="The class whose images get a model each.")
-    ] = None,
-    images: Annotated[_Opt[int], typer.Option(help="Models: one per selected image [4].")] = None,
-    outdir: Annotated[
-        _Opt[Path], typer.Option(help="selection.json, config.json and models/ [singan].")
-    ] = None,
-    pool: Annotated[_Opt[str], typer.Option(help="Pool the images come from [gan].")] = None,
-    budget: Annotated[
-        _Opt[SinganBudget],
-        typer.Option(help="tiny (tests, seconds), small (CPU, 128 px), paper (250 px, GPU)."),
-    ] = None,
-    seed: Annotated[
-        _Opt[int], typer.Option(help="Seed of the image choice, weights and noise [0].")
-    ] = None,
+    shards: SinganShards = None,
+    class_label: SinganClass = None,
+    images: SinganImages = None,
+    outdir: SinganOutdir = None,
+    pool: SinganPool = None,
+    budget: SinganBudgetOption = None,
+    seed: SinganSeed = None,
     task_id: Annotated[
         _Opt[int],
         typer.Option(help="Train model K of the selection alone, here (a Slurm array task)."),
     ] = None,
-    iterations: Annotated[_Opt[int], typer.Option(help="Iterations per scale.")] = None,
-    max_size: Annotated[_Opt[int], typer.Option(help="Longer side of the finest scale.")] = None,
-    min_size: Annotated[_Opt[int], typer.Option(help="Shorter side of the coarsest scale.")] = None,
-    device: Annotated[_Opt[str], typer.Option(help="auto, cpu, cuda or cuda:N [auto].")] = None,
-    threads: Annotated[_Opt[int], typer.Option(help="CPU threads per model [1].")] = None,
+    iterations: SinganIterations = None,
+    max_size: SinganMaxSize = None,
+    min_size: SinganMinSize = None,
+    device: SinganDevice = None,
+    threads: SinganThreads = None,
     config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
@@ -1591,28 +1620,17 @@ def train_singan(
 
     Each model is trained in a process of its own, in turn; a complete model is skipped and a
     stopped one resumes at the scale and iteration it reached, so rerunning the command
-    finishes the job. On Slurm: slurm/train_singan.sh, one array task per image (--task-id).
+    finishes the job. On Slurm: `synthbreast submit train-singan`, one array task per image
+    (slurm/train_singan.sh, --task-id).
     """
-    from synthbreast.config import TrainSinGANConfig
-    from synthbreast.train.singan import (
-        STOPPED,
-        TrainingStopped,
-        apply_budget,
-        train_one_model,
-        validate,
-    )
+    from synthbreast.train.singan import STOPPED, TrainingStopped, train_one_model
     from synthbreast.train.singan import train_singan as run
 
-    config = TrainSinGANConfig(shards=str(shards))
-    config = apply_budget(config, SinganBudget(budget).value if budget else None)
-    given = dict(
-        class_label=class_label, images=images, outdir=outdir and str(outdir), pool=pool,
-        seed=seed, task_id=task_id, iterations=iterations, max_size=max_size,
-        min_size=min_size, device=device, threads=threads,
+    config = _train_singan_config(
+        ctx, config_file, shards, budget, class_label=class_label, images=images,
+        outdir=outdir, pool=pool, seed=seed, task_id=task_id, iterations=iterations,
+        max_size=max_size, min_size=min_size, device=device, threads=threads,
     )  # fmt: skip
-    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
-    config = job_config(ctx, config_file, config, required=["shards"], refused=["budget"])
-    validate(config)
     if dry_run:
         print(dumps(config))
         return
@@ -1638,50 +1656,73 @@ def train_singan(
         )
 
 
+# The options of generate-singan, written once: `submit generate-singan` takes the same ones.
+SinganModels = Annotated[_Opt[Path], typer.Argument(help="A `synthbreast train-singan` --outdir.")]
+SinganOut = Annotated[_Opt[Path], typer.Option(help="Folder for the synthetic shards.")]
+SinganNumModels = Annotated[
+    _Opt[int], typer.Option(help="Use the first K models of the selection [all].")
+]
+SinganShardCount = Annotated[int, typer.Option(help="Total shards of the whole job.")]
+SinganPerShard = Annotated[int, typer.Option(help="Images per shard.")]
+SinganInject = Annotated[
+    int, typer.Option(help="0: new layouts; K: the source's layout below scale K, new detail.")
+]
+SinganOutputSize = Annotated[
+    _Opt[int], typer.Option(help="Side of the images [the real patch size].")
+]
+SinganGenerateSeed = Annotated[
+    int, typer.Option(help="Base seed; shard i's from (seed, class, i).")
+]
+SinganBatch = Annotated[int, typer.Option(help="Images per generator call.")]
+SinganGenerateDevice = Annotated[str, typer.Option(help="cpu, auto, cuda or cuda:N.")]
+
+
+def _generate_singan_config(ctx: typer.Context, config_file, **options):
+    """The GenerateSinGANConfig of the options, or of --config FILE with the options given
+    laid over it; checked."""
+    from synthbreast.config import GenerateSinGANConfig
+    from synthbreast.generate_singan import validate
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    config = GenerateSinGANConfig(**options)
+    config = job_config(ctx, config_file, config, required=["models", "out"])
+    validate(config)
+    return config
+
+
 @app.command("generate-singan")
 @user_errors
 def generate_singan(
     ctx: typer.Context,
-    models: Annotated[
-        _Opt[Path], typer.Argument(help="A `synthbreast train-singan` --outdir.")
-    ] = None,
-    out: Annotated[_Opt[Path], typer.Option(help="Folder for the synthetic shards.")] = None,
-    num_models: Annotated[
-        _Opt[int], typer.Option(help="Use the first K models of the selection [all].")
-    ] = None,
-    shards: Annotated[int, typer.Option(help="Total shards of the whole job.")] = 4,
-    per_shard: Annotated[int, typer.Option(help="Images per shard.")] = 250,
-    inject_scale: Annotated[
-        int,
-        typer.Option(help="0: new layouts; K: the source's layout below scale K, new detail."),
-    ] = 0,
-    output_size: Annotated[
-        _Opt[int], typer.Option(help="Side of the images [the real patch size].")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Base seed; shard i's from (seed, class, i).")] = 0,
+    models: SinganModels = None,
+    out: SinganOut = None,
+    num_models: SinganNumModels = None,
+    shards: SinganShardCount = 4,
+    per_shard: SinganPerShard = 250,
+    inject_scale: SinganInject = 0,
+    output_size: SinganOutputSize = None,
+    seed: SinganGenerateSeed = 0,
     shard_range: Annotated[
         _Opt[str], typer.Option(help="START:END (end exclusive) to make only those shards.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per generator call.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu, auto, cuda or cuda:N.")] = "cpu",
+    batch_size: SinganBatch = 16,
+    device: SinganGenerateDevice = "cpu",
     config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
     """Synthetic shards (the real schema) from the SinGAN models of a train-singan folder.
 
     Every model gives the same share of the images; each sample's json names its model and
-    source image. Shards split over Slurm array tasks or --shard-range as `generate` does.
+    source image. Shards split over Slurm array tasks or --shard-range as `generate` does
+    (`synthbreast submit generate-singan`).
     """
-    from synthbreast.config import GenerateSinGANConfig
-    from synthbreast.generate_singan import run_generate_singan, validate
+    from synthbreast.generate_singan import run_generate_singan
 
-    config = GenerateSinGANConfig(
-        models=str(models), out=str(out), num_models=num_models, shards=shards,
+    config = _generate_singan_config(
+        ctx, config_file, models=models, out=out, num_models=num_models, shards=shards,
         per_shard=per_shard, inject_scale=inject_scale, output_size=output_size, seed=seed,
         shard_range=shard_range, batch_size=batch_size, device=device,
     )  # fmt: skip
-    config = job_config(ctx, config_file, config, required=["models", "out"])
-    validate(config)
     if dry_run:
         print(dumps(config))
         return
@@ -1692,6 +1733,101 @@ def generate_singan(
         f"{summary.get('models', 0)} models -> {config.out}",
         highlight=False,
     )
+
+
+@submit_app.command("train-singan")
+@user_errors
+def submit_train_singan(
+    ctx: typer.Context,
+    shards: SinganShards = None,
+    class_label: SinganClass = None,
+    images: SinganImages = None,
+    outdir: SinganOutdir = None,
+    pool: SinganPool = None,
+    budget: SinganBudgetOption = None,
+    seed: SinganSeed = None,
+    iterations: SinganIterations = None,
+    max_size: SinganMaxSize = None,
+    min_size: SinganMinSize = None,
+    device: SinganDevice = None,
+    threads: SinganThreads = None,
+    config_file: ConfigFile = None,
+    tasks: Annotated[
+        _Opt[str], typer.Option(help="Array indices (models), e.g. 3 or 0-7 [default: all].")
+    ] = None,
+    max_parallel: MaxParallel = None,
+    sbatch_args: SbatchArgs = "",
+    dry_run: DryRun = False,
+) -> None:
+    """The SinGAN models as one array job: task k trains model k of the selection
+    (slurm/train_singan.sh runs `synthbreast train-singan --config FILE --task-id k`; a task
+    stopped at the time limit checkpoints and requeues itself). FILE, the logs and
+    jobs.jsonl go to OUTDIR; the job id goes to stdout, for `submit generate-singan --after`."""
+    from synthbreast.submit import task_spec, train_singan_job
+
+    config = _train_singan_config(
+        ctx, config_file, shards, budget, class_label=class_label, images=images,
+        outdir=outdir, pool=pool, seed=seed, iterations=iterations, max_size=max_size,
+        min_size=min_size, device=device, threads=threads,
+    )  # fmt: skip
+    # absolute: the jobs, jobs.jsonl and `status` must not depend on the submitting folder;
+    # no task id: the array task adds its own
+    config = dataclasses.replace(
+        config, shards=str(Path(config.shards).absolute()),
+        outdir=str(Path(config.outdir).absolute()), task_id=None,
+    )  # fmt: skip
+    spec = task_spec(config.images, tasks, max_parallel)
+    _submit([train_singan_job(config, spec)], Path(config.outdir), sbatch_args, dry_run)
+
+
+@submit_app.command("generate-singan")
+@user_errors
+def submit_generate_singan(
+    ctx: typer.Context,
+    models: SinganModels = None,
+    out: SinganOut = None,
+    num_models: SinganNumModels = None,
+    shards: SinganShardCount = 4,
+    per_shard: SinganPerShard = 250,
+    inject_scale: SinganInject = 0,
+    output_size: SinganOutputSize = None,
+    seed: SinganGenerateSeed = 0,
+    batch_size: SinganBatch = 16,
+    device: SinganGenerateDevice = "cpu",
+    config_file: ConfigFile = None,
+    after: Annotated[
+        _Opt[str],
+        typer.Option(help="The train-singan job id to wait for (afterok: its models exist)."),
+    ] = None,
+    tasks: Annotated[
+        _Opt[str], typer.Option(help="Array indices, e.g. 0-3 [default: min(shards, 8) tasks].")
+    ] = None,
+    max_parallel: MaxParallel = None,
+    sbatch_args: SbatchArgs = "",
+    dry_run: DryRun = False,
+) -> None:
+    """The shards as one array job (slurm/generate_singan.sh; task k of K makes its block of
+    the shards, as `generate`), optionally --after the train-singan job. FILE, the logs and
+    jobs.jsonl go to MODELS (OUT holds the shards alone)."""
+    from synthbreast.chain import GENERATE_TASKS
+    from synthbreast.submit import generate_singan_job, task_spec
+
+    config = _generate_singan_config(
+        ctx, config_file, models=models, out=out, num_models=num_models, shards=shards,
+        per_shard=per_shard, inject_scale=inject_scale, output_size=output_size, seed=seed,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
+    if config.shard_range is not None:
+        raise UserError(
+            f"--config {config_file}: shard_range {config.shard_range!r}: the array tasks "
+            "split the shards; pick tasks with --tasks, or set shard_range to null"
+        )
+    config = dataclasses.replace(
+        config, models=str(Path(config.models).absolute()), out=str(Path(config.out).absolute())
+    )
+    spec = task_spec(min(config.shards, GENERATE_TASKS), tasks, max_parallel)
+    job = generate_singan_job(config, spec, [after] if after else [])
+    _submit([job], Path(config.models), sbatch_args, dry_run)
 
 
 # --- end of the SinGAN commands

@@ -412,6 +412,8 @@ def _run(config: GenerateSinGANConfig, progress, env: Mapping[str, str]) -> dict
             task = progress.add_task("generating (SinGAN)", total=len(todo) * config.per_shard)
         advance = (lambda n: progress.advance(task, n)) if task is not None else None
         made_by = {"rank": rank, "world_size": world}
+        if "SLURM_ARRAY_TASK_ID" in env:  # which array task made it, as generate records
+            made_by["slurm_array_task"] = int(env["SLURM_ARRAY_TASK_ID"])
         for shard in todo:
 
             def record(entry: dict[str, Any]) -> None:

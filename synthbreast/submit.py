@@ -204,6 +204,25 @@ def classify_job(config, tasks: str) -> Job:
     return stage_job(Stage("classify", "classify", config), Path(config.out), tasks)
 
 
+def train_singan_job(config, tasks: str) -> Job:
+    """The models of a TrainSinGANConfig as one array: task k trains model k
+    (slurm/train_singan.sh adds --task-id $SLURM_ARRAY_TASK_ID). Its config goes to
+    OUTDIR/configs/train-singan.json."""
+    from synthbreast.chain import Stage
+
+    stage = Stage("train-singan", "train-singan", config, array=config.images)
+    return stage_job(stage, Path(config.outdir), tasks)
+
+
+def generate_singan_job(config, tasks: str, after: list[str]) -> Job:
+    """The shards of a GenerateSinGANConfig as one array (each task its block of shards), its
+    config in MODELS/configs/: generate-singan refuses an OUT holding other files."""
+    from synthbreast.chain import Stage
+
+    stage = Stage("generate-singan", "generate-singan", config)
+    return stage_job(stage, Path(config.models), tasks, after)
+
+
 def report_job(runs: Path, out: Path, after: list[str]) -> Job:
     # afterany: a failed scenario must be listed in the report, not block it forever
     from synthbreast.chain import Stage

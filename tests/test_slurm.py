@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,61 @@ def test_train_gan_preempted_requeues_and_ends_as_an_uninterrupted_run(
     )
     assert [t["step"] for t in ticks_slurm] == [t["step"] for t in ticks_local]
     assert [t["d_loss"] for t in ticks_slurm] == [t["d_loss"] for t in ticks_local]
+
+
+def test_submit_train_singan_then_generate_singan_after_it(slurm_cluster, demo_shards, tmp_path):
+    """`submit train-singan`: one array task per model (--task-id from the array index);
+    `submit generate-singan --after` it: an array over the shards, started once every model
+    is complete, with the bytes a local generate-singan makes from the same models."""
+    cluster = slurm_cluster
+    models, out = tmp_path / "models", tmp_path / "slurm"
+    cpu = "--cpus-per-task=1 --mem=1G"
+
+    def submit(*args: str) -> str:
+        done = subprocess.run(local_cli("submit", *args), capture_output=True, text=True,
+                              env=cluster.env, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.strip().split("job ")[-1]
+
+    train = submit("train-singan", str(demo_shards), "--class", "1", "--images", "2",
+                   "--outdir", str(models), "--budget", "tiny", "--max-size", "32",
+                   "--iterations", "10", "--device", "cpu",
+                   "--sbatch-args", f"--gpus=0 {cpu}")  # fmt: skip
+    generate = ["--shards", "2", "--per-shard", "4"]
+    gen = submit("generate-singan", str(models), "--out", str(out), *generate, "--after", train,
+                 "--sbatch-args", cpu)  # fmt: skip
+
+    tasks = cluster.wait(train, timeout=300)
+    logs = "\n".join(read(p) for p in sorted((models / "logs").glob("*.out")))
+    assert sorted(int(t["ArrayTaskId"]) for t in tasks) == [0, 1], f"{tasks}\n{logs}"
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), f"{tasks}\n{logs}"
+    selection = json.loads((models / "selection.json").read_text())["images"]
+    assert all((models / item["model_dir"] / "model.json").is_file() for item in selection)
+    gen_tasks = cluster.wait(gen, timeout=300)
+    logs = "\n".join(read(p) for p in sorted((models / "logs").glob("*.out")))
+    assert all(t["JobState"] == "COMPLETED" for t in gen_tasks), f"{gen_tasks}\n{logs}"
+    ended = max(datetime.fromisoformat(t["EndTime"]) for t in tasks)
+    started = min(datetime.fromisoformat(t["StartTime"]) for t in gen_tasks)
+    assert started >= ended, "generation started before every model was trained"
+
+    manifest = load_manifest(out)
+    assert manifest["status"] == "complete" and verify_shards(out, manifest) == []
+    assert [s["made_by"]["slurm_array_task"] for s in manifest["shards"]] == [0, 1]
+    local = subprocess.run(local_cli("generate-singan", str(models), "--out",
+                                     str(tmp_path / "local"), *generate),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    for shard in manifest["shards"]:
+        assert sha256_file(out / shard["name"]) == sha256_file(tmp_path / "local" / shard["name"])
+    jobs = [json.loads(line) for line in (models / "jobs.jsonl").read_text().splitlines()]
+    assert [(j["name"], j["stage"]) for j in jobs] == [
+        ("train-singan", "train-singan"), ("generate-singan", "generate-singan"),
+    ]  # fmt: skip
+    # `status MODELS`: both arrays' tasks, and the outputs each stage reports (the models
+    # folder as ".": the root)
+    shown = subprocess.run(local_cli("status", str(models)), capture_output=True, text=True,
+                           env={**cluster.env, "COLUMNS": "300"}, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = dict(re.findall(r"│ (\S+) +│ (.+?) +│", shown.stdout))
+    assert rows.get(".") == rows.get(str(out)) == "complete", shown.stdout
+    assert shown.stdout.count(":COMPLETED") == 4, "two tasks of each array"

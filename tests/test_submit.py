@@ -141,3 +141,74 @@ def test_submit_all_again_leaves_out_the_complete_demo_data_and_ingest(tmp_path)
     # demo data of another size there: refused before anything is submitted
     result = CliRunner().invoke(app, ["submit", "all", "--demo", "--out", str(out), "--dry-run"])
     assert result.exit_code == 2 and "another config" in result.output
+
+
+# --- SinGAN: train-singan (task k = model k) and generate-singan (task k = a block of shards)
+
+
+def test_submit_train_singan_is_one_array_of_models_with_its_config_file(tmp_path):
+    shards, outdir = tmp_path / "shards", tmp_path / "singan"
+    script = dry_run("train-singan", str(shards), "--class", "2", "--images", "8", "--outdir",
+                     str(outdir), "--budget", "small", "--max-parallel", "4")  # fmt: skip
+    path = tmp_path / "submit.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    (line,) = [line for line in script.splitlines() if "sbatch" in line]
+    assert "--array=0-7%4" in line and "slurm/train_singan.sh" in line
+    assert f"--output={outdir}/logs/%x-%A_%a.out" in line
+    config = job_configs(script)["train-singan"]
+    assert (config["job"], config["class_label"], config["images"]) == ("TrainSinGANConfig", 2, 8)
+    assert config["task_id"] is None, "the array task adds its own --task-id"
+    assert config["budget"] == "small" and config["max_size"] == 128
+    assert config["shards"] == str(shards) and config["outdir"] == str(outdir)
+    assert f"CONFIG={outdir}/configs/train-singan.json" in line and "EXTRA=" not in line
+    assert not outdir.exists(), "a dry run writes nothing"
+    # what train_singan.sh runs for array task 5: the file's job, model 5
+    (file,) = written_configs(script)
+    Path(file).parent.mkdir(parents=True)
+    Path(file).write_text(json.dumps(config))
+    task = CliRunner().invoke(app, ["train-singan", "--config", file, "--task-id", "5",
+                                    "--dry-run"])  # fmt: skip
+    assert task.exit_code == 0, task.output
+    assert json.loads(task.output) == {**config, "task_id": 5}
+    # --tasks reruns one model, with the file the array was submitted with
+    one = dry_run("train-singan", "--config", file, "--tasks", "3")
+    assert "--array=3 " in one and job_configs(one)["train-singan"] == config
+    # relative paths become absolute: the jobs and `status` must not depend on the cwd
+    relative = dry_run("train-singan", "s", "--class", "1", "--outdir", "o")
+    assert job_configs(relative)["train-singan"]["outdir"] == str(Path.cwd() / "o")
+    assert job_configs(relative)["train-singan"]["shards"] == str(Path.cwd() / "s")
+    # bad options are refused before anything is written, as train-singan refuses them
+    for args, message in [
+        ([str(shards)], "--class is required"),
+        ([str(shards), "--class", "1", "--images", "0"], "--images 0"),
+        ([], "give SHARDS"),
+    ]:
+        result = CliRunner().invoke(app, ["submit", "train-singan", *args, "--dry-run"])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_submit_generate_singan_is_an_array_over_shards_after_the_training_job(tmp_path):
+    models, out = tmp_path / "singan", tmp_path / "synthetic"
+    script = dry_run("generate-singan", str(models), "--out", str(out), "--shards", "12",
+                     "--per-shard", "100", "--num-models", "4", "--after", "42")  # fmt: skip
+    (line,) = [line for line in script.splitlines() if "sbatch" in line]
+    assert "--array=0-7 " in line and "slurm/generate_singan.sh" in line, "min(shards, 8) tasks"
+    assert "--dependency=afterok:42" in line and "--kill-on-invalid-dep=yes" in line
+    config = job_configs(script)["generate-singan"]
+    assert config["job"] == "GenerateSinGANConfig" and config["num_models"] == 4
+    assert (config["models"], config["out"], config["shard_range"]) == (str(models), str(out),
+                                                                        None)  # fmt: skip
+    # the config, logs and jobs.jsonl beside the models: generate-singan refuses an OUT that
+    # holds anything but its shards
+    assert f"CONFIG={models}/configs/generate-singan.json" in line
+    assert f"--output={models}/logs/" in line and str(out / "logs") not in script
+    few = dry_run("generate-singan", str(models), "--out", str(out), "--shards", "3")
+    assert "--array=0-2 " in few and "--dependency" not in few
+    bad = CliRunner().invoke(app, ["submit", "generate-singan", str(models), "--out", str(out),
+                                   "--per-shard", "0", "--dry-run"])  # fmt: skip
+    assert bad.exit_code == 2 and "--per-shard 0" in bad.output
+
+
+def test_generate_singan_sh_is_valid_bash():
+    assert subprocess.run(["bash", "-n", "slurm/generate_singan.sh"]).returncode == 0
