@@ -366,6 +366,22 @@ def test_study_without_synthetic_or_outside_a_study_is_a_clear_error(demo_shards
     assert result.exit_code == 2 and "not a `synthbreast study` folder" in result.output
 
 
+def test_a_generator_that_saw_a_train_pool_patient_is_refused(demo_shards, synthetic, tmp_path):
+    # the folds test the patients of the train pool too, not only the test pool's
+    leaky = tmp_path / "leaky"
+    shutil.copytree(synthetic, leaky)
+    real = json.loads((Path(demo_shards) / "manifest.json").read_text())
+    patient = real["pools"]["train"]["patients"][0]
+    path = leaky / "class1" / "manifest.json"  # a parent of class0/ and class1/
+    manifest = json.loads(path.read_text())
+    manifest["source"]["training_patients"] = [patient]
+    path.write_text(json.dumps(manifest))
+    args = ["--real", demo_shards, "--synthetic", leaky, "--out", tmp_path / "s", *STUDY, *FAST]
+    result = invoke("study", *args)
+    assert result.exit_code == 2 and "'train' pool" in result.output and patient in result.output
+    assert not (tmp_path / "s").exists(), "nothing written before the inputs are checked"
+
+
 # --- Slurm -----------------------------------------------------------------------------------
 
 

@@ -590,8 +590,11 @@ class Sources:
 def plan_sources(config: StudyConfig) -> Sources:
     from synthbreast.eval.scenarios import (
         ALL,
+        REAL_TEST_POOL,
+        REAL_TRAIN_POOL,
         SCENARIOS,
         DataPlan,
+        check_provenance,
         plan_scenario,
         synthetic_folders,
     )
@@ -621,7 +624,17 @@ def plan_sources(config: StudyConfig) -> Sources:
         "real": real.manifests(),
         "synthetic": DataPlan((synthetic,)).manifests() if synthetic else [],
     }
-    names = read_json(Path(real_train.shards[0].manifest))["source"].get("class_names")
+    real_manifest_path = Path(real_train.shards[0].manifest)
+    real_manifest = read_json(real_manifest_path)
+    # the folds test every patient of both pools, not only the test pool's: a generator that
+    # saw one of them (trained on the train pool) would be scored on its memory of them
+    for entry in inputs["synthetic"]:
+        path = Path(entry["path"])
+        pools = (REAL_TRAIN_POOL, REAL_TEST_POOL)
+        check_provenance(
+            real_manifest_path.parent, real_manifest, pools, path.parent, read_json(path)
+        )
+    names = real_manifest["source"].get("class_names")
     singan_index = None
     if config.singan_models:
         singan_index = singan_selection_index(inputs["synthetic"], config.singan_models)
