@@ -756,5 +756,8 @@ def test_three_classes_of_demo_mammograms_are_named_so(demo_shards, tmp_path):
     banner = next(line for line in md.splitlines() if "DEMO DATA" in line)
     assert "mammograms" in banner and "MIAS" in banner and "IDC" not in banner
     assert "the ROC curves are per class" in section(md, "ROC curves")
+    # the paper measured IDC patches: no paper column beside mammograms
+    assert "No paper column" in section(md, "Scenarios")
+    assert "| 0.84 |" not in scenario_rows(md)["real-real"]
     for name in ("healthy", "benign", "malignant"):
         assert (tmp_path / "report" / "figures" / f"roc-{name}.svg").is_file()

@@ -103,7 +103,7 @@ from synthbreast.models.classifier import (
     set_trainable,
     train_mode,
 )
-from synthbreast.results import CONFIG, FAILED, METRICS, MODEL, PREDICTIONS
+from synthbreast.results import CONFIG, FAILED, MANIFEST, METRICS, MODEL, PREDICTIONS
 
 FEATURES = "features"
 # Bump when the preprocessing changes, so old cached features are not reused.
@@ -519,6 +519,15 @@ def is_complete(run_dir: Path, config: ClassifyConfig, plan: ScenarioPlan | None
     return True
 
 
+def of_the_papers_layout(config: ClassifyConfig) -> bool:
+    """The paper's accuracies are of IDC histology patches: only real shards of that layout
+    are compared with them (a mammography ingest is not)."""
+    if not config.real:
+        return True  # synthetic only (synth-synth): the GAN's own data decides, as before
+    source = read_json(Path(config.real) / MANIFEST).get("source", {})
+    return source.get("format", "idc") == "idc"
+
+
 def write_predictions(path: Path, samples: Samples, probs: np.ndarray) -> None:
     """One row per test image; two classes: its P(class 1) (`prob_1`), more: P of each class
     (`prob_0` .. `prob_<K-1>`), and the predicted class."""
@@ -705,7 +714,7 @@ def _run(
         "schema": METRICS_SCHEMA,
         "scenario": scenario.name,
         "task_id": task_id,
-        "paper_accuracy": scenario.paper_accuracy,
+        "paper_accuracy": scenario.paper_accuracy if of_the_papers_layout(config) else None,
         "train_source": f"{plan.train.description}: {len(train)} images",
         "test_source": f"{plan.test.description}: {len(test)} images",
         "data": {"train": data_record(plan.train, train), "test": data_record(plan.test, test)},
