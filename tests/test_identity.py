@@ -11,7 +11,6 @@ from synthbreast.config import (
     GenerateConfig,
     identity,
     identity_differences,
-    identity_fields,
     run_only_fields,
 )
 
@@ -51,9 +50,8 @@ COMPARED = ("Ingest", "Generate", "ImportSynthetic", "Classify", "Study", "Fidel
 
 
 @pytest.mark.parametrize("kind", JOBS, ids=lambda k: k.__name__)
-def test_every_field_is_either_identity_or_run_only(kind):
+def test_where_and_how_a_job_runs_is_never_its_identity(kind):
     names = [f.name for f in dataclasses.fields(kind)]
-    assert sorted(identity_fields(kind) + run_only_fields(kind)) == sorted(names)
     if kind.__name__.removesuffix("Config") not in COMPARED:
         return
     # Where a job is, and how it runs, are never part of what it writes: a moved or renamed
