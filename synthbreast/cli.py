@@ -24,7 +24,7 @@ from synthbreast.config import (
     dumps,
 )
 from synthbreast.data.layouts import LAYOUTS
-from synthbreast.data.mammo import CONTEXTS, LABEL_MAPS
+from synthbreast.data.mammo import CONTEXTS, LABEL_MAPS, PECTORAL_MODES
 from synthbreast.errors import UserError
 from synthbreast.progress import console, progress_bar
 
@@ -42,6 +42,7 @@ app = typer.Typer(
 Format = Enum("Format", {name: name for name in LAYOUTS}, type=str)
 LabelMapName = Enum("LabelMapName", {name: name for name in LABEL_MAPS}, type=str)
 ContextName = Enum("ContextName", {name: name for name in CONTEXTS}, type=str)
+PectoralMode = Enum("PectoralMode", {name: name for name in PECTORAL_MODES}, type=str)
 
 
 class SmallPatches(str, Enum):
@@ -261,6 +262,13 @@ def ingest(
     min_tissue: Annotated[
         float, typer.Option(help="Share of a healthy crop that must be breast, not background.")
     ] = 0.9,
+    pectoral: Annotated[
+        PectoralMode,
+        typer.Option(
+            help="Healthy crops keep out of the pectoral muscle: auto = on MLO views (MIAS, "
+            "CBIS-DDSM's view column, csv's view column), exclude = on every image, keep = never."
+        ),
+    ] = "auto",
     small_patches: Annotated[
         SmallPatches,
         typer.Option(help="Patches smaller than --patch-size: stop, pad with white, or drop."),
@@ -318,6 +326,7 @@ def ingest(
         healthy_per_image=healthy_per_image,
         healthy_gap=healthy_gap,
         min_tissue=min_tissue,
+        pectoral=PectoralMode(pectoral).value,
         small_patches=SmallPatches(small_patches).value,
         skip_bad=skip_bad,
         seed=seed,

@@ -170,6 +170,8 @@ class IngestConfig:
     healthy_per_image: int = 2  # healthy patches drawn from the breast mask of each image
     healthy_gap: int = 32  # pixels a healthy crop keeps from every lesion's edge
     min_tissue: float = 0.9  # share of a healthy crop that must be breast (not background)
+    pectoral: str = "auto"  # healthy crops keep out of the pectoral muscle: auto (MLO views)
+    # | exclude (every image) | keep (data/mammo.py PECTORAL_MODES)
     small_patches: str = "error"  # error | pad | drop, for patches smaller than patch_size
     skip_bad: bool = False  # skip (and count) corrupt, truncated, empty or mislabelled files
     seed: int = 0

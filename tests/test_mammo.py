@@ -22,6 +22,7 @@ from synthbreast.cli import app
 from synthbreast.config import IngestConfig
 from synthbreast.data.ingest import run_ingest
 from synthbreast.data.layouts import mias_patient, parse_mias_table
+from synthbreast.data.mammo import MASK_STEP, breast_mask, pectoral_mask
 from synthbreast.data.reader import shard_dataset
 from synthbreast.data.shards import iter_shard, load_manifest, verify_shards
 from synthbreast.errors import UserError
@@ -34,20 +35,32 @@ REAL_MIAS = Path(
 SIDE = 320  # fixture films: 320 x 320 (the real ones are 1024)
 
 
-def film(lesions: list[tuple[int, int, int]], seed: int) -> np.ndarray:
+def pectoral_wedge(top: float = 0.3, down: float = 0.55) -> np.ndarray:
+    """The fixture films' pectoral muscle: a wedge `top` x SIDE wide at the top of the left
+    wall, narrowing to nothing `down` x SIDE below."""
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    return xx < SIDE * top * (1 - yy / (SIDE * down))
+
+
+def film(lesions: list[tuple[int, int, int]], seed: int, muscle: bool = False) -> np.ndarray:
     """A grey film: black background, a half-disc breast of textured grey on the left, and a
-    white disc at each (x, y_from_top, radius)."""
+    white disc at each (x, y_from_top, radius); with `muscle`, a brighter pectoral wedge in
+    the breast's upper chest-wall corner."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:SIDE, 0:SIDE]
     image = np.zeros((SIDE, SIDE), dtype=np.float64)
     breast = (xx / (SIDE * 0.8)) ** 2 + ((yy - SIDE / 2) / (SIDE * 0.48)) ** 2 < 1
     image[breast] = 90 + rng.normal(0, 6, size=breast.sum())
+    if muscle:
+        image[breast & pectoral_wedge()] += 70
     for x, y, radius in lesions:
         image[(xx - x) ** 2 + (yy - y) ** 2 < radius**2] = 250
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_mias(root: Path, rows: dict[int, list], extra_rows: str = "") -> Path:
+def write_mias(
+    root: Path, rows: dict[int, list], extra_rows: str = "", muscle: bool = False
+) -> Path:
     """mdbNNN.pgm for each number in rows (lesions as (B|M, x, y_top, r), or 'NORM', or a
     (B|M,) lesion without coordinates) and Info.txt with y counted from the bottom."""
     root.mkdir(parents=True, exist_ok=True)
@@ -65,7 +78,7 @@ def write_mias(root: Path, rows: dict[int, list], extra_rows: str = "") -> Path:
                     lines.append(f"{ref} F CIRC {severity} {x} {SIDE - y} {r}")
                 else:
                     lines.append(f"{ref} D CALC {severity} *NOTE 3*")
-        Image.fromarray(film(drawn, number)).save(root / f"{ref}.pgm")
+        Image.fromarray(film(drawn, number, muscle)).save(root / f"{ref}.pgm")
     (root / "Info.txt").write_text("\n".join(lines) + "\n" + extra_rows)
     return root
 
@@ -202,6 +215,40 @@ def test_healthy_patches_are_breast_tissue_clear_of_every_lesion(mias_shards):
             dx, dy = max(x0 - x, 0, x - x1), max(y0 - y, 0, y - y1)
             assert dx * dx + dy * dy > (r + 32) ** 2
     assert manifest["patches"]["unlocated_lesions"] == ["Info.txt:10"]
+
+
+def test_pectoral_wedge_is_found_against_either_chest_wall():
+    wedge = pectoral_wedge()[::MASK_STEP, ::MASK_STEP]
+    for flip in (lambda a: a, np.fliplr):  # the wall on the left, then on the right
+        image = flip(film([], 0, muscle=True))
+        breast = breast_mask(image)
+        found = pectoral_mask(image, breast)
+        truth = flip(wedge) & breast
+        assert found is not None
+        overlap = (found & truth).sum() / (found | truth).sum()
+        assert overlap > 0.8, f"intersection over union {overlap:.2f}"
+    assert pectoral_mask(film([], 0), breast_mask(film([], 0))) is None  # no muscle, none found
+
+
+def test_healthy_patches_keep_out_of_the_pectoral_muscle(tmp_path):
+    """MIAS films are MLO views: under the default --pectoral auto no healthy crop has more
+    than a sliver of muscle; --pectoral keep lets them fall on it (the muscle is bright breast
+    by the mask alone)."""
+    src = write_mias(tmp_path / "src", ROWS, muscle=True)
+    wedge = pectoral_wedge()
+
+    def muscle_shares(out: Path) -> list[float]:
+        boxes = [m["box"] for _, m, _, _ in samples(out) if m["kind"] == "healthy"]
+        return [wedge[max(0, y0) : y1, max(0, x0) : x1].mean() for x0, y0, x1, y1 in boxes]
+
+    manifest = ingest(src, tmp_path / "auto", healthy_per_image=4)
+    # every film but mdb009 (a lesion without a place: no healthy crop from it is searched)
+    films = [f"mdb{n:03d}.pgm" for n in ROWS if n != 9]
+    assert manifest["patches"]["pectoral"] == {"mode": "auto", "searched": 11, "found": films}
+    assert max(muscle_shares(tmp_path / "auto")) < 0.1
+    kept = ingest(src, tmp_path / "keep", healthy_per_image=4, pectoral="keep")
+    assert kept["patches"]["pectoral"]["searched"] == 0
+    assert max(muscle_shares(tmp_path / "keep")) > 0.5
 
 
 def test_classes_pools_and_pairs(mias_shards):
@@ -367,6 +414,7 @@ def test_cli_prints_patch_counts(mias_dir, tmp_path):
 
 def write_table(path: Path, rows: list[dict]) -> None:
     columns = ["path", "label", "patient", "x", "y", "radius", "x_min", "y_min", "x_max", "y_max"]
+    columns += ["view"] if any("view" in row for row in rows) else []
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -423,6 +471,25 @@ def test_csv_circles_boxes_and_normal_films(csv_dir, tmp_path):
             pixels = np.asarray(Image.open(io.BytesIO(png)))
             ys, xs = np.nonzero(pixels > 200)
             assert abs(xs.mean() - 31.5) < 2 and abs(ys.mean() - 31.5) < 2, meta
+
+
+def test_csv_view_column_says_where_the_pectoral_muscle_is_looked_for(tmp_path):
+    root = tmp_path / "films"
+    root.mkdir()
+    rows = []
+    views = ["MLO", "cc", ""]  # a third each; every film has a muscle
+    for i in range(18):
+        name, label = f"f{i:02d}.png", ("benign", "malignant", "normal")[i % 3]
+        place = {"x": 150, "y": 200, "radius": 14} if label != "normal" else {}
+        Image.fromarray(film([(150, 200, 14)] if place else [], i, muscle=True)).save(root / name)
+        rows.append({"path": name, "label": label, "patient": f"p{i}", "view": views[i // 3 % 3]})
+        rows[-1].update(place)
+    write_table(root / "t.csv", rows)
+    manifest = ingest(root, tmp_path / "s", format="csv")
+    mlo = [row["path"] for row in rows if row["view"] == "MLO"]
+    assert manifest["patches"]["pectoral"] == {"mode": "auto", "searched": 6, "found": mlo}
+    every = ingest(root, tmp_path / "e", format="csv", pectoral="exclude")
+    assert every["patches"]["pectoral"]["searched"] == 18
 
 
 def test_csv_bad_rows(csv_dir, tmp_path):
@@ -495,8 +562,14 @@ def test_real_mias_counts(real_mias):
     # 34 benign and 29 malignant rows; mdb233 and mdb245 (malignant) have no coordinates
     assert patches["written"]["lesion"] == {"benign": 34, "malignant": 27}
     assert sorted(patches["unlocated_lesions"]) == ["Info.txt:239", "Info.txt:252"]
-    # two healthy patches from each of the 55 films whose lesions all have a place
-    assert patches["written"]["healthy"] == {"healthy": 110}
+    # two healthy patches asked of each of the 55 films whose lesions all have a place; MIAS
+    # films are MLO views, and with the pectoral muscle kept out two of them find no second
+    # place clear of the muscle and the lesions (counted)
+    assert patches["written"]["healthy"] == {"healthy": 108}
+    assert patches["healthy_short"] == 2
+    pectoral = patches["pectoral"]
+    assert pectoral["searched"] == 55 and len(pectoral["found"]) == 45
+    assert {"mdb001.pgm", "mdb010.pgm", "mdb063.pgm"} <= set(pectoral["found"])  # seen by eye
     assert len(manifest["source"]["absent_images"]) == 322 - 57
 
 

@@ -147,6 +147,8 @@ class Cut:
     off_breast: list[str]  # lesions whose centre is outside the breast mask (cut all the same)
     normalisation: dict[str, int]  # how pixel values became 8 bits: images per method
     labels: str = ""  # the label map used
+    # images searched for the pectoral muscle -> share of the breast found to be muscle (0: none)
+    pectoral: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def patch_spec(config: IngestConfig, scan: Scan, labels: str, channels: int) -> PatchSpec:
@@ -164,6 +166,7 @@ def patch_spec(config: IngestConfig, scan: Scan, labels: str, channels: int) -> 
         label_map=labels,
         channels=channels,
         seed=config.seed,
+        pectoral=config.pectoral,
     )
     sides = []
     for record in scan.records:
@@ -177,8 +180,8 @@ def patch_spec(config: IngestConfig, scan: Scan, labels: str, channels: int) -> 
 
 
 def _cut_one(args: tuple) -> Extracted:
-    root, rel, key, lesions, spec = args
-    return extract(Path(root), rel, key, lesions, spec)
+    root, rel, key, lesions, spec, view = args
+    return extract(Path(root), rel, key, lesions, spec, view)
 
 
 def cut_patches(
@@ -187,7 +190,7 @@ def cut_patches(
     """Decode every mammogram and cut its patches, in `workers` processes."""
     spec = patch_spec(config, scan, labels, channels)
     keys = sample_keys(scan.records)
-    jobs = [(str(src), r.path, keys[r.path], r.lesions, spec) for r in scan.records]
+    jobs = [(str(src), r.path, keys[r.path], r.lesions, spec, r.view) for r in scan.records]
     task = progress.add_task("cutting patches", total=len(jobs)) if progress else None
     results: list[Extracted] = []
     if config.workers > 1 and len(jobs) > 8:
@@ -213,6 +216,8 @@ def cut_patches(
         cut.unmapped += result.unmapped
         cut.healthy_short += result.healthy_short
         cut.off_breast += result.off_breast
+        if result.pectoral is not None:
+            cut.pectoral[record.path] = result.pectoral
         cut.normalisation[result.normalisation] = cut.normalisation.get(result.normalisation, 0) + 1
         for patch in result.patches:
             x, y = patch.centre
@@ -279,6 +284,11 @@ def patch_summary(cut: Cut, scan: Scan, config: IngestConfig, plan: list) -> dic
         "unmapped_lesions": cut.unmapped,
         "healthy_short": cut.healthy_short,
         "lesions_off_breast": cut.off_breast,
+        "pectoral": {
+            "mode": config.pectoral,
+            "searched": len(cut.pectoral),
+            "found": sorted(path for path, share in cut.pectoral.items() if share > 0),
+        },
         "normalisation": cut.normalisation,
         "list": sorted(listing, key=lambda p: p["key"]),
     }
@@ -303,6 +313,12 @@ def patch_lines(manifest: dict[str, Any]) -> list[str]:
         (len(patches["lesions_off_breast"]), "lesions centred outside the breast mask"),
     ]
     lines += [f"{n} {what} (listed in manifest.json)" for n, what in notes if n]
+    pectoral = patches.get("pectoral", {})
+    if pectoral.get("searched"):
+        lines.append(
+            f"pectoral muscle found in {len(pectoral['found'])} of {pectoral['searched']} "
+            "images searched and kept out of their healthy patches (--pectoral)"
+        )
     return lines
 
 

@@ -35,6 +35,7 @@ class Record:
     x: int | None = None
     y: int | None = None
     lesions: tuple[Lesion, ...] = ()  # mammograms: the annotated abnormalities of the image
+    view: str = ""  # mammograms: MLO | CC | "" (unknown); MLO films show the pectoral muscle
 
 
 @dataclass(frozen=True)
@@ -418,7 +419,8 @@ def scan_mias(root: Path, patient_regex: str | None = None) -> Scan:
             continue
         present.add(ref)
         patient = mias_patient(int(match["number"]))
-        scan.records.append(Record(rel, patient, 0, lesions=tuple(lesions.get(ref, ()))))
+        found = tuple(lesions.get(ref, ()))
+        scan.records.append(Record(rel, patient, 0, lesions=found, view="MLO"))  # every MIAS film
     # The table covers the whole set; a sample holds some of it: absent images are counted.
     scan.absent = sorted((set(lesions) | normal) - present)
     return scan
@@ -454,7 +456,8 @@ def _number(text: str) -> float | None:
 
 def scan_csv(root: Path, patient_regex: str | None = None, table: str | None = None) -> Scan:
     """A table of images: path (relative to SRC), label, patient, and optionally a lesion's
-    x y radius or x_min y_min x_max y_max (pixels from the top-left). Several rows may name one
+    x y radius or x_min y_min x_max y_max (pixels from the top-left) and the view (MLO or CC:
+    MLO films have their pectoral muscle kept out of healthy crops). Several rows may name one
     image (several lesions). With coordinates in any row, images are mammograms cut into
     patches; labels are then normal/healthy, benign, benign_without_callback or malignant (or
     N/B/M), and a normal row has no coordinates. Without coordinates anywhere, each row is an
@@ -499,6 +502,7 @@ def scan_csv(root: Path, patient_regex: str | None = None, table: str | None = N
         image = images.setdefault(
             rel, {"patient": row["patient"], "lesions": [], "normal": False, "label": row["label"]}
         )
+        image.setdefault("view", row.get("view", "").upper())  # optional: MLO | CC
         if image["patient"] != row["patient"]:
             detail = f"{rel} is patient {image['patient']!r} in an earlier row"
             scan.problems.append(Problem(where, "patient_mismatch", detail))
@@ -545,7 +549,10 @@ def scan_csv(root: Path, patient_regex: str | None = None, table: str | None = N
             image["lesions"].append(Lesion(pathology, ref=where))  # a lesion with no place
     if geometry:
         for rel, image in images.items():
-            scan.records.append(Record(rel, image["patient"], 0, lesions=tuple(image["lesions"])))
+            lesions = tuple(image["lesions"])
+            scan.records.append(
+                Record(rel, image["patient"], 0, lesions=lesions, view=image["view"])
+            )
     else:
         scan.class_names = sorted({image["label"] for image in images.values()})
         index = {label: i for i, label in enumerate(scan.class_names)}
@@ -660,10 +667,14 @@ def scan_cbis_ddsm(root: Path, patient_regex: str | None = None) -> Scan:
                 scan.problems.append(Problem(where, "missing_file", detail))
                 continue
             kind = row.get("abnormality type", "").strip()
-            image = images.setdefault(full[0], {"patient": row["patient_id"].strip(), "l": []})
+            view = row.get("image view", "").strip().upper()
+            image = images.setdefault(
+                full[0], {"patient": row["patient_id"].strip(), "l": [], "view": view}
+            )
             image["l"].append(Lesion(pathology, kind=kind, ref=where, masks=tuple(masks)))
     for rel, image in sorted(images.items()):
-        scan.records.append(Record(rel, image["patient"], 0, lesions=tuple(image["l"])))
+        lesions = tuple(image["l"])
+        scan.records.append(Record(rel, image["patient"], 0, lesions=lesions, view=image["view"]))
     used = set(images) | {m for im in images.values() for les in im["l"] for m in les.masks}
     scan.ignored += [rel for rel in walked.files if rel not in used and rel not in tables]
     return scan

@@ -39,6 +39,11 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 MASK_THRESHOLD = 20  # 8-bit grey: film background and scanner noise stay below this
 MASK_STEP = 4  # the mask is computed on a 1/4 image (a 1024 image: 256x256), fast and enough
 HEALTHY_TRIES = 400  # random positions tried per healthy patch before giving up (counted)
+# The pectoral muscle (MLO views): a bright wedge in the upper chest-wall corner. Healthy crops
+# keep out of it (it is muscle, not breast tissue); lesion crops are cut where the lesion is.
+PECTORAL_MODES = ("auto", "exclude", "keep")  # auto: exclude on MLO views, keep on the rest
+PECTORAL_SHARE = (0.005, 0.4)  # a wedge outside these shares of the breast is not believed
+PECTORAL_CONTRAST = 15  # grey levels the wall's top corner must exceed the breast's median by
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class PatchSpec:
     channels: int = 1
     seed: int = 0
     healthy_sides: tuple[int, ...] = ()  # bbox context: healthy crops take the lesions' sides
+    pectoral: str = "auto"  # PECTORAL_MODES
 
 
 @dataclass
@@ -199,6 +205,9 @@ class Extracted:
     healthy_short: int = 0  # healthy patches asked for but not found clear of the lesions
     off_breast: list[str] = field(default_factory=list)  # lesions centred outside the mask
     normalisation: str = ""
+    # share of the breast mask found to be pectoral muscle and kept out of healthy crops;
+    # None: not looked for (--pectoral keep, or a view other than MLO under auto)
+    pectoral: float | None = None
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -258,6 +267,57 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
         return np.zeros_like(bright)
     sizes = ndimage.sum_labels(bright, labels, index=np.arange(1, count + 1))
     return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def pectoral_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The pectoral muscle of an MLO view as a mask like `mask` (1/MASK_STEP resolution), or
+    None where no wedge is found.
+
+    The chest wall is the breast mask's fuller vertical edge (MIAS films are padded with black
+    on both sides, so the image's own edge is not it). From the top of the wall, each row's
+    run of pixels brighter than halfway between the muscle (the wall's top corner) and the
+    breast's median is measured; a straight line fitted to the first rows' run ends is the
+    muscle's edge (it narrows going down), and the wedge is what lies between it and the wall.
+    A wedge that is too small or too large for a muscle is not believed (None)."""
+    from scipy import ndimage
+
+    cols = mask.sum(axis=0)
+    filled = np.nonzero(cols)[0]
+    if len(filled) == 0:
+        return None
+    c0, c1 = int(filled[0]), int(filled[-1])
+    on_left = cols[c0] >= cols[c1]
+    flip = (lambda a: a) if on_left else (lambda a: a[:, ::-1])  # the wall at column 0
+    # smoothed inside the breast's columns: the black beyond the wall must not darken it
+    small = image[::MASK_STEP, ::MASK_STEP][:, c0 : c1 + 1].astype(np.float32)
+    grey, breast = ndimage.uniform_filter(flip(small), 5), flip(mask[:, c0 : c1 + 1])
+    height, width = breast.shape
+    wall_rows = np.nonzero(breast[:, 1])[0]
+    if len(wall_rows) == 0:
+        return None
+    top = int(wall_rows[0])
+    muscle, tissue = float(np.median(grey[top : top + 10, 1:8])), float(np.median(grey[breast]))
+    if muscle < tissue + PECTORAL_CONTRAST:
+        return None  # no bright corner: no muscle on this film (or a breast as dense as it)
+    bright = (grey >= (muscle + tissue) / 2) & breast
+    rows = np.arange(top, min(height, top + int(0.7 * height)))
+    runs = np.array([np.argmin(bright[r, 1:]) + 1 if bright[r, 1] else 0 for r in rows])
+    touching = np.nonzero(runs > 0)[0]
+    gaps = np.nonzero(np.diff(touching) > 4)[0]
+    first = touching[: gaps[0] + 1] if len(gaps) else touching  # the first band of rows
+    if len(first) < 5:
+        return None
+    slope, start = np.polyfit(rows[first] - top, runs[first], 1)
+    if slope >= 0:
+        return None  # a muscle narrows going down the wall
+    r, c = np.mgrid[0:height, 0:width]
+    wedge = (c < start + slope * (r - top)) & (r >= top) & breast
+    share = wedge.sum() / max(1, breast.sum())
+    if not PECTORAL_SHARE[0] < share < PECTORAL_SHARE[1]:
+        return None
+    found = np.zeros_like(mask)
+    found[:, c0 : c1 + 1] = flip(wedge)
+    return found
 
 
 def tissue_share(mask: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -361,8 +421,10 @@ def extract(
     key: str,
     lesions: tuple[Lesion, ...],
     spec: PatchSpec,
+    view: str = "",
 ) -> Extracted:
-    """Every patch of one image (see the module's stages); a bad file comes back as a reason."""
+    """Every patch of one image (see the module's stages); a bad file comes back as a reason.
+    `view` (MLO, CC or unknown "") decides whether the pectoral muscle is looked for."""
     path = root / rel
     result = Extracted()
     try:
@@ -424,6 +486,12 @@ def extract(
     # Healthy crops: in the breast, clear of every lesion; none where a lesion has no place
     # (it could be anywhere in the image).
     if labels.healthy and spec.healthy_per_image and not result.unlocated:
+        if spec.pectoral == "exclude" or (spec.pectoral == "auto" and view.upper() == "MLO"):
+            muscle = pectoral_mask(image, mask)
+            result.pectoral = 0.0
+            if muscle is not None:
+                result.pectoral = round(float(muscle.sum() / max(1, mask.sum())), 4)
+                mask = mask & ~muscle
         ys, xs = np.nonzero(mask)
         rng = random.Random(f"healthy-{spec.seed}-{rel}")
         taken: list[tuple[int, int, int, int]] = []
