@@ -413,17 +413,30 @@ def test_submit_study_dry_run_is_one_array_then_the_summary_then_the_report(tmp_
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_array_study_gives_the_local_summary(slurm_cluster, local_study, tmp_path):
-    """`submit study` on the one-node cluster: nine array tasks, then the summary and the
-    report jobs; the summary equals the local run's (each task depends only on its index)."""
+def test_slurm_array_study_finishes_a_local_one_to_the_local_summary(
+    slurm_cluster, local_study, tmp_path
+):
+    """`submit study --tasks` on the one-node cluster: a copy of the local study with three
+    tasks removed (one of each fold and ratio) gets those three as array tasks, then the
+    summary and the report jobs; the tasks and the summary equal the local run's (each task
+    depends only on its index) and the files that were there are left as they were."""
     import subprocess
 
     out = tmp_path / "slurm-study"
+    shutil.copytree(local_study.out, out)
+    local = tasks_of(local_study.out)
+    redo = [0, 4, 8]  # task = fold * 3 + ratio: the diagonal
+    for index in redo:
+        (out / TASKS / f"{task_list_names(local)[index]}.json").unlink()
+    (out / SUMMARY).unlink()
+    shutil.rmtree(out / "report", ignore_errors=True)
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / TASKS).glob("*.json")}
     real, synthetic = local_study.args[2], local_study.args[4]
     extra = " ".join(str(a) for a in FAST)
     command = [
         sys.executable, "-m", "synthbreast", "submit", "study", "--real", str(real),
         "--synthetic", str(synthetic), "--out", str(out), *STUDY, "--extra", extra,
+        "--tasks", ",".join(map(str, redo)),
         "--sbatch-args", "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G",
     ]  # fmt: skip
     started = time.monotonic()
@@ -437,11 +450,15 @@ def test_slurm_array_study_gives_the_local_summary(slurm_cluster, local_study, t
         bad = [r for r in records if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")]
         assert not bad, f"{job['name']}: {bad}\n{logs}"
     print(f"study under Slurm: {time.monotonic() - started:.0f} s")
-    assert len(slurm_cluster.jobs(jobs[0]["job_id"])) == 9, "one array task per study task"
-    local, under_slurm = tasks_of(local_study.out), tasks_of(out)
+    array = slurm_cluster.jobs(jobs[0]["job_id"])
+    assert sorted(int(r["ArrayTaskId"]) for r in array) == redo, "one array task per --tasks"
+    under_slurm = tasks_of(out)
     assert sorted(under_slurm) == list(range(9))
     for index, result in local.items():
         assert_close(measured(result), measured(under_slurm[index]), f"task {index}")
+    assert kept == {
+        p.name: p.stat().st_mtime_ns for p in (out / TASKS).glob("*.json") if p.name in kept
+    }
     summary = json.loads((out / SUMMARY).read_text())
     assert_close(rows_of(json.loads((local_study.out / SUMMARY).read_text())), rows_of(summary))
     assert "Augmentation study" in (out / "report" / "report.md").read_text()
