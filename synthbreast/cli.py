@@ -250,6 +250,13 @@ def ingest(
     context_percent: Annotated[
         float, typer.Option(help="bbox: tissue added around the lesion's box, % of its side.")
     ] = 20.0,
+    min_crop: Annotated[
+        int,
+        typer.Option(
+            help="bbox: the smallest crop side in source pixels, so a tiny calcification is "
+            "not a few pixels blown up to --patch-size (0: the box alone decides)."
+        ),
+    ] = 0,
     zoom_levels: Annotated[
         str, typer.Option(help="zoom: crop side = patch side x each level, e.g. 1,2,4.")
     ] = "1",
@@ -322,6 +329,7 @@ def ingest(
         labels=LabelMapName(labels).value if labels else None,
         context=ContextName(context).value,
         context_percent=context_percent,
+        min_crop=min_crop,
         zoom_levels=_numbers("--zoom-levels", zoom_levels),
         healthy_per_image=healthy_per_image,
         healthy_gap=healthy_gap,

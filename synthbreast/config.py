@@ -166,6 +166,7 @@ class IngestConfig:
     labels: str | None = None  # LABEL_MAPS name; None = the format's default
     context: str = "bbox"  # CONTEXTS: bbox (lesion box + context_percent) | zoom (zoom_levels)
     context_percent: float = 20.0  # bbox: tissue added around the lesion's box, % of its side
+    min_crop: int = 0  # bbox: the smallest crop side, source pixels (0: the box alone decides)
     zoom_levels: list[float] = dataclasses.field(default_factory=lambda: [1.0])  # crop/patch
     healthy_per_image: int = 2  # healthy patches drawn from the breast mask of each image
     healthy_gap: int = 32  # pixels a healthy crop keeps from every lesion's edge

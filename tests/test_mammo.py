@@ -309,6 +309,23 @@ def test_zoom_levels_cut_each_lesion_at_each_scale(mias_dir, tmp_path):
         assert x1 - x0 == 64 / p["scale"]
 
 
+def test_min_crop_floors_the_crop_side_of_small_lesions(mias_dir, mias_shards, tmp_path):
+    """Fixture lesions have radius 12-20: box + 20% is 29-48 px; --min-crop 40 lifts the small
+    ones to 40 around the same centre and leaves the larger as they were."""
+    before = {p["key"]: p["box"] for p in load_manifest(mias_shards)["patches"]["list"]}
+    manifest = ingest(mias_dir, tmp_path / "m", min_crop=40)
+    lesions = [p for p in manifest["patches"]["list"] if p["kind"] == "lesion"]
+    lifted = 0
+    for p in lesions:
+        x0, y0, x1, y1 = p["box"]
+        b0, c0, b1, c1 = before[p["key"]]
+        assert x1 - x0 == y1 - y0 == max(40, b1 - b0)
+        assert abs((x0 + x1) - (b0 + b1)) <= 1 and abs((y0 + y1) - (c0 + c1)) <= 1  # centre
+        lifted += b1 - b0 < 40
+    assert 0 < lifted < len(lesions)
+    assert min(p["box"][2] - p["box"][0] for p in manifest["patches"]["list"]) == 40  # healthy too
+
+
 def test_same_job_same_bytes_and_resume(mias_dir, mias_shards, tmp_path):
     again = ingest(mias_dir, tmp_path / "again")
     first = load_manifest(mias_shards)
@@ -375,6 +392,8 @@ def test_options_checked_before_any_work(mias_dir, tmp_path):
         ({"context": "nope"}, "--context"),
         ({"zoom_levels": [0.0]}, "--zoom-levels"),
         ({"min_tissue": 0.0}, "--min-tissue"),
+        ({"min_crop": -1}, "--min-crop"),
+        ({"pectoral": "nope"}, "--pectoral"),
         ({"table": "x.csv"}, "--table"),
     ]:
         with pytest.raises(UserError, match=word):

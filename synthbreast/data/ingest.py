@@ -28,7 +28,15 @@ from synthbreast import __version__
 from synthbreast.config import IngestConfig, run_only_fields, save_config, to_dict
 from synthbreast.data.demo import DEMO_MARKER
 from synthbreast.data.layouts import LAYOUTS, Problem, Record, Scan
-from synthbreast.data.mammo import CONTEXTS, LABEL_MAPS, Extracted, Patch, PatchSpec, extract
+from synthbreast.data.mammo import (
+    CONTEXTS,
+    LABEL_MAPS,
+    PECTORAL_MODES,
+    Extracted,
+    Patch,
+    PatchSpec,
+    extract,
+)
 from synthbreast.data.shards import (
     MANIFEST,
     SCHEMA,
@@ -159,6 +167,7 @@ def patch_spec(config: IngestConfig, scan: Scan, labels: str, channels: int) -> 
         side=config.patch_size,
         context=config.context,
         context_percent=config.context_percent,
+        min_crop=config.min_crop,
         zoom_levels=tuple(config.zoom_levels),
         healthy_per_image=config.healthy_per_image,
         healthy_gap=config.healthy_gap,
@@ -641,6 +650,10 @@ def validate(config: IngestConfig) -> None:
         raise UserError(f"--zoom-levels {config.zoom_levels}: give positive numbers, e.g. 1,2,4")
     if config.healthy_per_image < 0 or config.healthy_gap < 0:
         raise UserError("--healthy-per-image and --healthy-gap must be 0 or more")
+    if config.pectoral not in PECTORAL_MODES:
+        raise UserError(f"--pectoral {config.pectoral!r}: choose {', '.join(PECTORAL_MODES)}")
+    if config.min_crop < 0:
+        raise UserError(f"--min-crop {config.min_crop}: give a side in pixels >= 0 (0: none)")
     if not 0 < config.min_tissue <= 1:
         raise UserError(f"--min-tissue {config.min_tissue}: give a share in (0, 1]")
     if config.table is not None and "table" not in LAYOUTS[config.format].options:

@@ -128,7 +128,7 @@ class Context:
 
 
 def _bbox_sides(lesion_side: float, spec: PatchSpec) -> list[int]:
-    return [max(2, round(lesion_side * (1 + spec.context_percent / 100)))]
+    return [max(2, spec.min_crop, round(lesion_side * (1 + spec.context_percent / 100)))]
 
 
 def _zoom_sides(lesion_side: float, spec: PatchSpec) -> list[int]:
@@ -156,6 +156,7 @@ class PatchSpec:
     side: int
     context: str = "bbox"
     context_percent: float = 20.0
+    min_crop: int = 0  # bbox: the smallest crop side in source pixels (0: the box decides)
     zoom_levels: tuple[float, ...] = (1.0,)
     healthy_per_image: int = 2
     healthy_gap: int = 32
