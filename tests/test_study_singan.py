@@ -294,3 +294,51 @@ def test_submit_study_passes_the_model_arms_to_every_task(tmp_path):
     bad = CliRunner().invoke(app, ["submit", "study", "--real", "r", "--out", str(tmp_path),
                                    "--singan-models", "2", "--dry-run"])  # fmt: skip
     assert bad.exit_code == 2 and "give one --synth-ratio" in bad.output
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_array_finishes_the_model_count_study_to_the_local_table(
+    slurm_cluster, model_study, inputs, tmp_path
+):
+    """`submit study --singan-models` on the one-node cluster: a copy of the local study with
+    three tasks removed (one per arm and fold) gets them as array tasks, then the summary and
+    the report jobs; the tasks, the per-class table and the report's section equal the local
+    run's."""
+    import subprocess
+    import sys
+
+    from tests.test_study import assert_close, measured, task_list_names, tasks_of
+
+    out = tmp_path / "slurm-study"
+    shutil.copytree(model_study, out)
+    local = tasks_of(model_study)
+    redo = [0, 4, 8]
+    for index in redo:
+        (out / TASKS / f"{task_list_names(local)[index]}.json").unlink()
+    (out / SUMMARY).unlink()
+    command = [
+        sys.executable, "-m", "synthbreast", "submit", "study", "--real", str(inputs.shards),
+        "--synthetic", str(inputs.synthetic), "--out", str(out), "--singan-models", "2,4",
+        *STUDY, "--extra", " ".join(CLASSIFIER_FAST), "--tasks", ",".join(map(str, redo)),
+        "--sbatch-args", "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=slurm_cluster.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
+    for job in jobs:
+        records = slurm_cluster.wait(job["job_id"], timeout=300)
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "logs").glob("*.out")))
+        bad = [r for r in records if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")]
+        assert not bad, f"{job['name']}: {bad}\n{logs}"
+    array = slurm_cluster.jobs(jobs[0]["job_id"])
+    assert sorted(int(r["ArrayTaskId"]) for r in array) == redo
+    under_slurm = tasks_of(out)
+    assert sorted(under_slurm) == list(range(9))
+    for index in redo:
+        assert_close(measured(local[index]), measured(under_slurm[index]), f"task {index}")
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["singan_models"] == [0, 2, 4]
+    assert_close(json.loads((model_study / SUMMARY).read_text())["rows"], summary["rows"])
+    section = (out / "report" / "report.md").read_text().split("## Augmentation study")[1]
+    assert "| 0 models (real only) | 3/3 |" in section and "| 4 models | 3/3 |" in section
