@@ -253,7 +253,7 @@ def make_patch_sample(
         "box": [x0, y0, x1, y1],  # source pixels from the top-left; may pass the border
         "scale": round(side / (x1 - x0), 6),  # patch pixels per source pixel
     }
-    meta["tissue"] = patch.tissue  # share of the crop inside the breast mask
+    meta["tissue"] = patch.tissue  # share of the crop in the breast mask (healthy: less muscle)
     if patch.lesion is not None:
         meta["lesion"] = patch.lesion
     return Sample(key=patch.key, image=patch.png, label=patch.label, meta=meta)

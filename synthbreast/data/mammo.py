@@ -3,9 +3,9 @@
 Stages (per image): decode (PGM/PNG/JPEG/TIFF, or DICOM through pydicom) -> 8-bit grey (a
 stated normalisation for >8-bit data) -> breast mask (largest bright component, not the black
 background or the film labels) -> one crop per located lesion and context setting -> healthy
-crops drawn from the mask, clear of every lesion -> each crop resized to the patch side and
-encoded as PNG. Everything depends on (seed, image path) only, so a resumed ingest writes the
-same bytes.
+crops drawn from the mask (less the pectoral muscle on MLO views), clear of every lesion ->
+each crop resized to the patch side and encoded as PNG. Everything depends on (seed, image
+path) only, so a resumed ingest writes the same bytes.
 """
 
 from __future__ import annotations
@@ -302,7 +302,11 @@ def pectoral_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
         return None  # no bright corner: no muscle on this film (or a breast as dense as it)
     bright = (grey >= (muscle + tissue) / 2) & breast
     rows = np.arange(top, min(height, top + int(0.7 * height)))
-    runs = np.array([np.argmin(bright[r, 1:]) + 1 if bright[r, 1] else 0 for r in rows])
+
+    def run(row: np.ndarray) -> int:  # bright pixels from the wall before the first dark one
+        return 0 if not row[1] else (width if row[1:].all() else int(np.argmin(row[1:])) + 1)
+
+    runs = np.array([run(bright[r]) for r in rows])
     touching = np.nonzero(runs > 0)[0]
     gaps = np.nonzero(np.diff(touching) > 4)[0]
     first = touching[: gaps[0] + 1] if len(gaps) else touching  # the first band of rows
