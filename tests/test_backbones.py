@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from synthbreast.errors import UserError
-from synthbreast.eval.classify import run_classify
+from synthbreast.eval.classify import FeatureCache, preprocess, run_classify
 from synthbreast.eval.features import ExtractorOptions, build_extractor
 from synthbreast.models import classifier
 from synthbreast.models.classifier import (
     BACKBONES,
     LITE0_WEIGHTS,
+    backbone_digest,
     backbone_features,
     build_classifier,
     imagenet_weights_path,
@@ -51,6 +52,25 @@ def test_lite0_head_is_fc_and_features_then_fc_is_its_forward():
     assert (model.fc.in_features, model.fc.out_features) == (1280, 2)
     trainable = set_trainable(model, "frozen")
     assert [p.shape for p in trainable] == [torch.Size([2, 1280]), torch.Size([2])]
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", LITE0])
+def test_feature_pass_in_channels_last_equals_the_plain_layout(backbone, tmp_path):
+    """FeatureCache.compute runs channels_last (speed); its features are the NCHW forward's
+    up to float rounding, and the backbone's digest (the cache key) does not change."""
+    torch.manual_seed(0)
+    model = build_classifier(backbone).eval()
+    before = backbone_digest(model)
+    images = torch.randint(0, 256, (6, 3, 50, 50), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    cache = FeatureCache(tmp_path, model, backbone, 64, cpu, batch_size=4)
+    with torch.no_grad():
+        plain = backbone_features(model, preprocess(images, 64, cpu, *cache.norm))
+    fast = cache.compute(images)
+    if backbone == "resnet18":
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
+    assert backbone_digest(model) == before
 
 
 def test_imagenet_weights_come_from_the_wheel_checked_by_sha256(monkeypatch):
