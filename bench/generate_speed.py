@@ -134,11 +134,12 @@ def main() -> None:
             f"{args.shards} shards x {args.per_shard}, batch {args.batch_size}, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__}"
         )
-        outs = {}
+        outs, results = {}, []
         for setting in args.settings:
             out = Path(tmp) / f"out-{setting.replace(':', 'x')}"
             r = launch(args, setting, checkpoint, out)
             outs[setting] = out
+            results.append(r)
             print(
                 f"{r['processes']} process(es) x {r['threads_per_process']} thread(s): "
                 f"{r['generate_img_s']:8.1f} img/s generating, {r['wall_img_s']:8.1f} img/s "
@@ -153,6 +154,16 @@ def main() -> None:
             for b in outs.values()
         )
         print(f"shards identical across settings: {same}")
+        # scaling efficiency: N one-thread processes against N x one one-thread process
+        single = [r for r in results if r["processes"] == 1 and r["threads_per_process"] == [1]]
+        for r in results:
+            if single and r["processes"] > 1 and r["threads_per_process"] == [1]:
+                n, one = r["processes"], single[0]
+                print(
+                    f"scaling efficiency at {n} processes: "
+                    f"{r['generate_img_s'] / (n * one['generate_img_s']):.2f} generating, "
+                    f"{r['wall_img_s'] / (n * one['wall_img_s']):.2f} with start-up"
+                )
 
 
 if __name__ == "__main__":

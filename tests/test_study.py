@@ -411,6 +411,22 @@ def test_submit_study_dry_run_is_one_array_then_the_summary_then_the_report(tmp_
     assert "--array=5 " in dry_run(*common, "--tasks", "5")
 
 
+def submit_and_wait(cluster, command: list[str], out: Path) -> list[dict]:
+    """Run a `submit study` command on the test cluster, wait for each job it recorded in
+    OUT/jobs.jsonl, and assert every job and array task completed (the logs if not)."""
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, env=cluster.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
+    for job in jobs:
+        records = cluster.wait(job["job_id"], timeout=300)
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "logs").glob("*.out")))
+        bad = [r for r in records if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")]
+        assert not bad, f"{job['name']}: {bad}\n{logs}"
+    return jobs
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_array_study_finishes_a_local_one_to_the_local_summary(
@@ -420,7 +436,6 @@ def test_slurm_array_study_finishes_a_local_one_to_the_local_summary(
     tasks removed (one of each fold and ratio) gets those three as array tasks, then the
     summary and the report jobs; the tasks and the summary equal the local run's (each task
     depends only on its index) and the files that were there are left as they were."""
-    import subprocess
 
     out = tmp_path / "slurm-study"
     shutil.copytree(local_study.out, out)
@@ -440,15 +455,8 @@ def test_slurm_array_study_finishes_a_local_one_to_the_local_summary(
         "--sbatch-args", "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G",
     ]  # fmt: skip
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=slurm_cluster.env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    jobs = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
+    jobs = submit_and_wait(slurm_cluster, command, out)
     assert [job["name"] for job in jobs] == ["study", "study-summary", "report"]
-    for job in jobs:
-        records = slurm_cluster.wait(job["job_id"], timeout=300)
-        logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "logs").glob("*.out")))
-        bad = [r for r in records if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")]
-        assert not bad, f"{job['name']}: {bad}\n{logs}"
     print(f"study under Slurm: {time.monotonic() - started:.0f} s")
     array = slurm_cluster.jobs(jobs[0]["job_id"])
     assert sorted(int(r["ArrayTaskId"]) for r in array) == redo, "one array task per --tasks"

@@ -305,10 +305,15 @@ def test_slurm_array_finishes_the_model_count_study_to_the_local_table(
     three tasks removed (one per arm and fold) gets them as array tasks, then the summary and
     the report jobs; the tasks, the per-class table and the report's section equal the local
     run's."""
-    import subprocess
     import sys
 
-    from tests.test_study import assert_close, measured, task_list_names, tasks_of
+    from tests.test_study import (
+        assert_close,
+        measured,
+        submit_and_wait,
+        task_list_names,
+        tasks_of,
+    )
 
     out = tmp_path / "slurm-study"
     shutil.copytree(model_study, out)
@@ -323,14 +328,7 @@ def test_slurm_array_finishes_the_model_count_study_to_the_local_table(
         *STUDY, "--extra", " ".join(CLASSIFIER_FAST), "--tasks", ",".join(map(str, redo)),
         "--sbatch-args", "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=slurm_cluster.env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    jobs = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
-    for job in jobs:
-        records = slurm_cluster.wait(job["job_id"], timeout=300)
-        logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "logs").glob("*.out")))
-        bad = [r for r in records if (r["JobState"], r["ExitCode"]) != ("COMPLETED", "0:0")]
-        assert not bad, f"{job['name']}: {bad}\n{logs}"
+    jobs = submit_and_wait(slurm_cluster, command, out)
     array = slurm_cluster.jobs(jobs[0]["job_id"])
     assert sorted(int(r["ArrayTaskId"]) for r in array) == redo
     under_slurm = tasks_of(out)

@@ -499,10 +499,9 @@ def scan_csv(root: Path, patient_regex: str | None = None, table: str | None = N
         if rel not in files:
             scan.problems.append(Problem(where, "missing_file", f"{rel} not found under {root}"))
             continue
-        image = images.setdefault(
-            rel, {"patient": row["patient"], "lesions": [], "normal": False, "label": row["label"]}
-        )
-        image.setdefault("view", row.get("view", "").upper())  # optional: MLO | CC
+        first = {"patient": row["patient"], "lesions": [], "normal": False, "label": row["label"]}
+        first["view"] = row.get("view", "").upper()  # optional: MLO | CC
+        image = images.setdefault(rel, first)
         if image["patient"] != row["patient"]:
             detail = f"{rel} is patient {image['patient']!r} in an earlier row"
             scan.problems.append(Problem(where, "patient_mismatch", detail))
