@@ -70,6 +70,21 @@ def test_latest_is_resolved_and_old_ones_pruned(tmp_path):
     assert load_checkpoint(one)["state"]["w"][0] == 3.0
 
 
+def test_a_half_left_by_a_kill_is_never_read_and_the_next_save_removes_it(tmp_path):
+    # a kill between a save's .safetensors and its .json (what CI's fault suite once hit)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, keep=2)
+    folder = tmp_path / "checkpoints"
+    (folder / "ckpt-000000004.json").rename(folder / "set-aside.json")
+    (folder / "ckpt-000000001.safetensors").write_bytes(b"a prune's leftover")
+    assert load_checkpoint(tmp_path)["state"]["w"][0] == 2.0  # the newest whole checkpoint
+    save_checkpoint(tmp_path, 6, {"w": torch.full((2,), 6.0)}, keep=2)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        "ckpt-000000002.safetensors",
+        "ckpt-000000006.safetensors",
+    ]
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path, 1, {"w": torch.zeros(100)})
     tensors = next((tmp_path / "checkpoints").glob("*.safetensors"))

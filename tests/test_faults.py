@@ -226,16 +226,21 @@ def checkpoints_intact(run: Path) -> None:
     for path in list_checkpoints(run):
         load_checkpoint(path)  # verifies the .safetensors against the sha256 in the .json
     if folder.is_dir():
-        halves = {p.stem for p in folder.glob("ckpt-*.safetensors")}
-        assert halves <= {p.stem for p in list_checkpoints(run)} | halves_being_pruned(run)
+        assert not [p for p in lone_halves(run) if not being_saved_or_pruned(run, p.stem)]
 
 
-def halves_being_pruned(run: Path) -> set[str]:
-    # a kill between unlinking an old .json and its .safetensors leaves that .safetensors:
-    # older than every checkpoint kept, it is never read (resume takes the newest .json)
-    kept = list_checkpoints(run)
-    oldest = kept[0].stem if kept else "~"
-    return {p.stem for p in (run / CHECKPOINT_DIR).glob("ckpt-*.safetensors") if p.stem < oldest}
+def lone_halves(run: Path) -> list[Path]:
+    """The .safetensors files without their .json."""
+    named = {p.stem for p in list_checkpoints(run)}
+    return [p for p in (run / CHECKPOINT_DIR).glob("ckpt-*.safetensors") if p.stem not in named]
+
+
+def being_saved_or_pruned(run: Path, stem: str) -> bool:
+    # a kill between a save's .safetensors and its .json leaves a half newer than every
+    # checkpoint; one between a prune's .json and its .safetensors, a half older than every
+    # checkpoint. Neither is ever read (a checkpoint is its .json); the next save removes both.
+    kept = [p.stem for p in list_checkpoints(run)]
+    return not kept or stem < kept[0] or stem > kept[-1]
 
 
 def test_killed_training_resumes_to_the_same_weights_and_metrics(demo_shards, tmp_path, tally):
@@ -279,6 +284,7 @@ def test_killed_training_resumes_to_the_same_weights_and_metrics(demo_shards, tm
         metric = "metric-texture.jsonl"
         assert jsonl(run / metric, timing) == jsonl(ref_run / metric, timing)
         assert not temp_files(outdir), temp_files(outdir)
+        assert not lone_halves(run), f"{point}: the resumed run left {lone_halves(run)}"
 
 
 # --- generate (2 processes) --------------------------------------------------------------------

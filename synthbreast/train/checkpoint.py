@@ -140,6 +140,12 @@ def save_checkpoint(
                 continue
             old.unlink(missing_ok=True)
             old.with_suffix(".safetensors").unlink(missing_ok=True)
+        # a kill between the two halves of a save, or of a prune, leaves a .safetensors with
+        # no .json: never read (a checkpoint is its .json), removed here by the next save
+        named = {p.stem for p in list_checkpoints(run_dir)}
+        for half in tensors_path.parent.glob("ckpt-*.safetensors"):
+            if half.stem not in named:
+                half.unlink(missing_ok=True)
     return json_path
 
 
