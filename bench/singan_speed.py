@@ -2,12 +2,14 @@
 
     python bench/singan_speed.py --budget small --mias mdb023 --out /tmp/singan-small
     python bench/singan_speed.py --budget tiny --image some.png --side 48
+    python bench/singan_speed.py --budget paper --mias mdb023 --side 250 --iterations 20
 
 --mias REF: a crop of side 2 x --side around the first lesion of that mini-MIAS image (Info.txt's
 y counts from the bottom), shrunk to --side; --image: any PNG/PGM, centre-cropped square and
 shrunk to --side. Prints one line per scale (size, seconds, reconstruction error) and the total;
 writes OUT/models/<name>/ (the model as train-singan writes it) and OUT/grid.png (source,
-reconstruction, 16 variants).
+reconstruction, 16 variants). With --iterations below the budget's, it also prints the time the
+budget's full iteration count would take, from the measured per-scale times.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main() -> None:
     tensor = image_tensor(buffer.getvalue(), channels)
 
     config = apply_budget(TrainSinGANConfig(shards="-", class_label=0, seed=args.seed), args.budget)
+    budget_iterations = config.iterations
     if args.iterations:
         config.iterations = args.iterations
     out = Path(args.out)
@@ -108,6 +111,15 @@ def main() -> None:
         f"for {len(summary['scales'])} scales x {config.iterations} iterations; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
+    if config.iterations != budget_iterations:
+        # the time of a scale is linear in its iterations (each the same d and g steps on the
+        # same sizes), so a short run times the full budget on this machine
+        factor = budget_iterations / config.iterations
+        print(
+            f"the {args.budget} budget's {budget_iterations} iterations per scale, from these "
+            f"{config.iterations}: about {total * factor / 60:.0f} min wall, "
+            f"{cpu * factor / 60:.0f} min CPU per image (x{factor:.0f} the time of each scale)"
+        )
     (model_dir / "model.json").write_text(json.dumps({**summary, "channels": channels}, indent=2))
     G = load_model(model_dir)[0]
     write_grid(G, tensor, out / "grid.png", seed=args.seed)

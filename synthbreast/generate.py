@@ -220,10 +220,12 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def choose_snapshot(checkpoint: str | Path, snapshot: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to generate from, and why: `best` (the run's lowest snapshot metric,
-    else its latest checkpoint), `latest`, or a step number. A ckpt-*.json is taken as it is."""
+    """The checkpoint to generate from, and why: `best` (the run's best snapshot by
+    quality.SNAPSHOT_RULE, else its latest checkpoint), `latest`, or a step number. A
+    ckpt-*.json is taken as it is."""
+    from synthbreast.eval.quality import SNAPSHOT_RULE
     from synthbreast.train.checkpoint import resolve_checkpoint
-    from synthbreast.train.gan import METRIC_FILE, METRIC_KEY, best_metric_step
+    from synthbreast.train.gan import METRIC_FILE, best_metric_step
 
     path = Path(checkpoint)
     if path.is_file() or path.suffix in (".json", ".safetensors"):
@@ -240,7 +242,7 @@ def choose_snapshot(checkpoint: str | Path, snapshot: str) -> tuple[Path, dict[s
             }
         step, line = best
         metric = {k: line.get(k) for k in ("kid", "precision", "recall", "coverage", "diversity")}
-        chosen = {"snapshot": "best", "by": f"lowest {METRIC_KEY} in {METRIC_FILE}", **metric}
+        chosen = {"snapshot": "best", "by": f"{SNAPSHOT_RULE} in {METRIC_FILE}", **metric}
         return checkpoint_paths(run, step)[1], chosen
     if not snapshot.isdigit():
         raise UserError(f"--snapshot {snapshot!r}: give best, latest or a step number")

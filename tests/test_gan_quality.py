@@ -19,6 +19,7 @@ from synthbreast.errors import UserError
 from synthbreast.eval.quality import (
     COLLAPSE_DIVERSITY,
     TextureNet,
+    best_snapshot,
     collapse_reasons,
     quality_metrics,
     texture_features,
@@ -271,13 +272,33 @@ def test_a_collapsed_generator_is_announced_recorded_and_bannered(demo_shards, t
     assert report.count("GENERATOR COLLAPSED") >= 2 and "class 1" in report
 
 
+def snapshot_line(step: int, kid: float, *recalls: float) -> dict:
+    classes = {str(c): {"kid": kid, "recall": r} for c, r in enumerate(recalls)}
+    return {"step": step, "kid": kid, "recall": sum(recalls) / len(recalls), "classes": classes}
+
+
+def test_the_best_snapshot_is_the_lowest_kid_of_those_every_class_of_which_has_recall():
+    # the real IDC sample's run: KID alone took 10 kimg, whose class 0 then failed the gate
+    lines = [
+        snapshot_line(1250, 1.82, 0.084, 0.081),
+        snapshot_line(1500, 1.93, 0.039, 0.093),
+        snapshot_line(2250, 2.80, 0.282, 0.163),
+        snapshot_line(2500, 1.97, 0.282, 0.183),
+    ]
+    assert best_snapshot(lines)["step"] == 2500
+    assert best_snapshot(lines[:2])["step"] == 1250  # none has the recall: the lowest KID
+    assert best_snapshot([{"step": 5, "kid": None}, lines[3]])["step"] == 2500
+    assert best_snapshot([{"step": 5, "kid": 1.0}])["step"] == 5  # no recall measured
+    assert best_snapshot([{"step": 5}]) is None
+
+
 def test_snapshot_metric_picks_the_best_checkpoint(demo_shards, tmp_path):
     config = tiny(demo_shards, tmp_path / "runs", class_label=1, kimg=0.24, snapshot_kimg=0.08,
                   checkpoint_kimg=0.08)  # fmt: skip
     run = train_gan(config, progress_print=lambda _: None)
     lines = [json.loads(t) for t in (run / METRIC_FILE).read_text().splitlines()]
     assert len(lines) == 3 and all("diversity" in line for line in lines)
-    best = min(lines, key=lambda line: line["kid"])
+    best = best_snapshot(lines)
     assert best_metric_step(run)[0] == best["step"]
     out = tmp_path / "synthetic"
     result = runner.invoke(app, ["generate", "--checkpoint", str(run), "--out", str(out),

@@ -568,7 +568,8 @@ def test_a_healthy_set_has_no_banner_and_the_gan_section_shows_the_snapshot_chec
     # diversity, collapsed classes, and which snapshot is best and which generate drew from
     assert "| 5 | 0.080 | 57.30 | 0.000 | 0.000 | 0.000 | 0.007 | 1 |  |" in gan
     assert (
-        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | none | lowest kid; "
+        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | none | best: lowest kid of the "
+        "snapshots with recall >= 0.10 in every class; "
         "generate used it: `runs/synthetic/class1` |"
     ) in gan
     assert f"figures/snapshots-kid-{GAN_RUN}.svg" in gan

@@ -28,6 +28,7 @@ from synthbreast import __version__
 from synthbreast.config import ReportConfig, save_config
 from synthbreast.data.shards import MANIFEST
 from synthbreast.errors import UserError
+from synthbreast.eval.quality import SNAPSHOT_RULE, best_snapshot
 from synthbreast.eval.scenarios import SCENARIOS
 from synthbreast.fileio import atomic_write_bytes, sha256_file
 from synthbreast.images import make_grid
@@ -758,13 +759,12 @@ def generated_from(run: GanRun, collected: Collected) -> dict[int, list[str]]:
 def snapshot_table(run: GanRun, collected: Collected) -> Table:
     """One row per metric-texture.jsonl line: the figures generate --snapshot best chooses by."""
     used = generated_from(run, collected)
-    scored = [line for line in run.metrics if _number(line, "kid") is not None]
-    best = min(scored, key=lambda line: _number(line, "kid")) if scored else None
+    best = best_snapshot(run.metrics)
     rows = []
     for line in run.metrics:
         collapsed = line.get("collapsed")
         collapsed = ", ".join(map(str, collapsed)) if isinstance(collapsed, dict) else DASH
-        notes = ["lowest kid"] if line is best else []
+        notes = ["best: " + SNAPSHOT_RULE] if line is best else []
         if isinstance(line.get("step"), int) and line["step"] in used:
             notes.append("generate used it: " + ", ".join(used[line["step"]]))
         rows.append(

@@ -92,7 +92,6 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-METRIC_KEY = "kid"  # lower is better: `generate --snapshot best` picks its minimum
 
 # The paper trains with RMSprop lr 1e-4. The official MSG-GAN code uses Adam with betas
 # (0, 0.99) and a larger rate, which learns much faster per image: the CPU budgets use it.
@@ -469,17 +468,15 @@ def load_scaler_state(scaler: Any, saved: dict[str, Any] | None, path: Path, say
 
 
 def best_metric_step(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
-    """(step, line) of the snapshot with the lowest METRIC_KEY whose checkpoint exists."""
+    """(step, line) of the best snapshot (quality.SNAPSHOT_RULE) whose checkpoint exists."""
+    from synthbreast.eval.quality import best_snapshot
+
     path = Path(run_dir) / METRIC_FILE
     if not path.is_file():
         return None
     have = {int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir)}
-    lines = [line for _, line in jsonl_lines(path)]
-    lines = [line for line in lines if line["step"] in have and line.get(METRIC_KEY) is not None]
-    if not lines:
-        return None
-    best = min(lines, key=lambda line: line[METRIC_KEY])
-    return best["step"], best
+    best = best_snapshot([line for _, line in jsonl_lines(path) if line["step"] in have])
+    return None if best is None else (best["step"], best)
 
 
 # --- the loop --------------------------------------------------------------------------
