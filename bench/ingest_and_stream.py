@@ -17,15 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from ceilings import png_decode_rate
 from PIL import Image
 
 from synthbreast.config import DemoDataConfig, IngestConfig
 from synthbreast.data.demo import write_demo_dataset
 from synthbreast.data.ingest import run_ingest
 from synthbreast.data.reader import ShardDataset, to_uint8_tensor
-from synthbreast.data.shards import decode_image, load_manifest
+from synthbreast.data.shards import load_manifest
 
 
 class PngFolder(torch.utils.data.Dataset):
@@ -61,22 +61,15 @@ def steady_loader(loader) -> dict[str, float]:
             "images": first + n}  # fmt: skip
 
 
-def _decode_all(blobs: list[bytes]) -> float:
-    start = time.perf_counter()
-    for blob in blobs:
-        np.asarray(decode_image(blob))
-    return len(blobs) / (time.perf_counter() - start)
-
-
 def concurrent_decode_rate(blobs: list[bytes], processes: int) -> float:
     """Per-process decode img/s with `processes` decoding at once: what each of that many
     DataLoader workers could reach. Cores that share a physical core or its caches (as a VM's
     do) give each less than one alone: the per-worker ceiling of a loader with that many."""
     if processes <= 1:
-        return _decode_all(blobs)
+        return png_decode_rate(blobs)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(processes) as pool:
-        rates = pool.map(_decode_all, [blobs] * processes)
+        rates = pool.map(png_decode_rate, [blobs] * processes)
     return sum(rates) / processes
 
 
@@ -100,7 +93,7 @@ def measure(
     # 1. The ceiling: decode only, bytes already in memory; one process alone, and each of
     # `workers` processes decoding at once (the per-worker ceiling of a loader with that many).
     blobs = [p.read_bytes() for p in files]
-    decode_rate = _decode_all(blobs)
+    decode_rate = png_decode_rate(blobs)
     decode_together = concurrent_decode_rate(blobs, workers)
 
     # 2. Ingest (check every image in `workers` processes, then write shards).

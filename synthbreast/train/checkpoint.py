@@ -134,18 +134,19 @@ def save_checkpoint(
         tensors_path.unlink(missing_ok=True)
         temp_name(json_path).unlink(missing_ok=True)
         raise
+    kept = list_checkpoints(run_dir)
     if keep:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            if protect is not None and old.name == checkpoint_paths(run_dir, protect)[1].name:
-                continue
+        protected = None if protect is None else checkpoint_paths(run_dir, protect)[1].name
+        pruned = [old for old in kept[:-keep] if old.name != protected]
+        for old in pruned:
             old.unlink(missing_ok=True)
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
-        # a kill between the two halves of a save, or of a prune, leaves a .safetensors with
-        # no .json: never read (a checkpoint is its .json), removed here by the next save
-        named = {p.stem for p in list_checkpoints(run_dir)}
-        for half in tensors_path.parent.glob("ckpt-*.safetensors"):
-            if half.stem not in named:
-                half.unlink(missing_ok=True)
+        kept = [p for p in kept if p not in pruned]
+    # a kill between the two halves of a save, or of a prune, leaves a .safetensors with no
+    # .json: never read (a checkpoint is its .json), removed here by the next save
+    named = {p.stem for p in kept}
+    for half in tensors_path.parent.glob("ckpt-*.safetensors"):
+        if half.stem not in named:
+            half.unlink(missing_ok=True)
     return json_path
 
 
