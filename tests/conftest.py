@@ -19,6 +19,17 @@ REAL_SAMPLE = Path(
     os.environ.get("SYNTHBREAST_REAL_SAMPLE", REPO.parent / "shared" / "real-sample" / "idc")
 )
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest` runs two xdist workers on the 2-core machine (`--dist loadfile`: a module's tests
+    # in one worker, so its module fixtures are made once; each worker that runs Slurm tests
+    # starts its own cluster, with free ports and its own root): one thread each, and in every
+    # process a test starts, not two threads each fighting for the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 # 12 patients x 2 classes x 20 patches = 480 demo patches: enough for three pools.
 DEMO_PATIENTS, DEMO_PER_CLASS = 12, 20
 
