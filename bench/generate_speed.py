@@ -164,6 +164,16 @@ def main() -> None:
                     f"{r['generate_img_s'] / (n * one['generate_img_s']):.2f} generating, "
                     f"{r['wall_img_s'] / (n * one['wall_img_s']):.2f} with start-up"
                 )
+        # more processes than cores: the ceiling is the rate at one process per core
+        cores = os.cpu_count() or 1
+        per_core = [r for r in results if r["processes"] == cores]
+        for r in results:
+            if per_core and r["processes"] > cores:
+                print(
+                    f"{r['processes']} processes on {cores} cores: "
+                    f"{r['generate_img_s'] / per_core[0]['generate_img_s']:.2f} of the "
+                    f"{cores}-process rate (the ceiling with one process per core)"
+                )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def stamp(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
 def run_array(cluster: SlurmCluster, tasks: int, checkpoint: Path, out: Path, args) -> dict:
     env = {
         "CHECKPOINT": str(checkpoint),
@@ -71,8 +67,8 @@ def run_array(cluster: SlurmCluster, tasks: int, checkpoint: Path, out: Path, ar
     if any(r["JobState"] != "COMPLETED" for r in records):
         logs = "\n".join(p.read_text()[-1500:] for p in out.parent.glob(f"{out.name}-*.log"))
         sys.exit(f"array {job} did not complete: {records}\n{logs}")
-    starts = [stamp(r["StartTime"]) for r in records]
-    ends = [stamp(r["EndTime"]) for r in records]
+    starts = [datetime.fromisoformat(r["StartTime"]) for r in records]
+    ends = [datetime.fromisoformat(r["EndTime"]) for r in records]
     span = (max(ends) - min(starts)).total_seconds()
     images = args.shards * args.per_shard
     return {
