@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from generate_speed import make_checkpoint  # noqa: E402  (bench/, beside this file)
+from ceilings import machine_line  # noqa: E402  (bench/, beside this file)
+from generate_speed import make_checkpoint  # noqa: E402
 
 from synthbreast.data.shards import load_manifest, verify_shards  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed  # noqa: E402
@@ -96,8 +97,9 @@ def main() -> None:
         print(
             f"MSG-GAN G width {args.width}, {args.resolution} px -> {args.output_size} px PNG, "
             f"{args.shards} shards x {args.per_shard}; slurm/generate.sh, 1 CPU and 1 thread "
-            f"per task; {os.cpu_count()} CPUs"
+            "per task"
         )
+        print(machine_line())
         results, outs = [], []
         try:
             cluster.start()
