@@ -10,8 +10,9 @@ worker fork) is left out.
         [--variants choices|speed]
 
 `choices` (default): the model, loss and augmentation one at a time. `speed`: the budget's
-default against the options that change its arithmetic per image (lazy gradient penalty,
-a larger batch, bf16 autocast), to see which buy more kimg in the same minutes.
+default against its layout and penalty before (NCHW, the penalty every step: the `small` step
+issue 16 started from) and the options that change its arithmetic per image (a larger batch,
+bf16 autocast), to see which buy more kimg in the same minutes.
 
 SHARDS: an ingest output (e.g. `synthbreast demo-data d && synthbreast ingest d SHARDS`).
 """
@@ -29,6 +30,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from synthbreast.config import TrainGANConfig
+from synthbreast.train import gan
 from synthbreast.train.gan import apply_budget, train_gan
 
 # (label, overrides of the budget): the model, the loss and the augmentation, one at a time
@@ -44,23 +46,33 @@ VARIANTS = [
                                                augment="diffaug")),
     ("budget default", dict(model="msggan-cond")),
 ]  # fmt: skip
-# The budget's default G and D, with one option changed at a time (then two together)
+# The budget's default G and D, with one option changed at a time. "layout" is not a config
+# field: train-gan always runs channels_last (gan.TRAIN_LAYOUT); the bench sets NCHW to time it.
+NCHW = torch.contiguous_format
 SPEED_VARIANTS = [
-    ("budget default", dict(model="msggan-cond")),
-    ("lazy gp every 4 steps", dict(model="msggan-cond", gp_interval=4)),
+    ("budget default (channels_last)", dict(model="msggan-cond")),
+    ("NCHW layout", dict(model="msggan-cond", layout=NCHW)),
+    ("gp every step", dict(model="msggan-cond", gp_interval=1)),
+    ("NCHW + gp every step (issue 16's base)", dict(model="msggan-cond", gp_interval=1,
+                                                    layout=NCHW)),
     ("batch 16", dict(model="msggan-cond", batch_size=16)),
     ("bf16 autocast", dict(model="msggan-cond", mixed_precision="bf16")),
-    ("lazy gp 4 + batch 16", dict(model="msggan-cond", gp_interval=4, batch_size=16)),
 ]  # fmt: skip
 
 
 def img_per_s(shards: Path, budget: str, kimg: float, overrides: dict, outdir: Path) -> float:
+    overrides = dict(overrides)
+    layout = overrides.pop("layout", torch.channels_last)
     config = apply_budget(TrainGANConfig(shards=str(shards), outdir=str(outdir)), budget)
     config = replace(config, kimg=kimg, tick_kimg=kimg / 5, snapshot_kimg=kimg,
                      checkpoint_kimg=kimg, metric_images=0, **overrides)  # fmt: skip
     # accelerate keeps one state per process: a variant with another precision needs it anew
     AcceleratorState._reset_state(reset_partial_state=True)
-    run = train_gan(config, progress_print=lambda _: None)
+    gan.TRAIN_LAYOUT = layout
+    try:
+        run = train_gan(config, progress_print=lambda _: None)
+    finally:
+        gan.TRAIN_LAYOUT = torch.channels_last
     ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     return statistics.mean(t["img_per_s"] for t in ticks[1:])
 

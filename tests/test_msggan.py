@@ -13,6 +13,7 @@ from synthbreast.models.msggan import (
     Discriminator,
     Generator,
     MSGGANConfig,
+    NoiseInjection,
     image_pyramid,
     minibatch_stddev,
     param_count,
@@ -202,3 +203,45 @@ def test_coarse_noise_leaves_the_top_block_noiseless():
     assert [block.noise1 is not None for block in G.blocks] == [True, True, False]
     with pytest.raises(ValueError, match="g_noise"):
         MSGGANConfig(g_noise="everywhere")
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_channels_last_training_layout_computes_what_nchw_does(conditional):
+    """train-gan runs G, D and the reals in channels_last (TRAIN_LAYOUT, for speed): the
+    losses, the penalty and every weight gradient match NCHW to rounding."""
+    from synthbreast.train.gan import TRAIN_LAYOUT
+
+    config = MSGGANConfig(
+        resolution=32, latent_dim=32, width=1 / 16, g_padding="reflect", g_upsample="bilinear",
+        g_noise="all", num_classes=2 if conditional else 0,
+    )  # fmt: skip
+    _, G, D = tiny_models(config)
+    G_cl = Generator(config).to(memory_format=TRAIN_LAYOUT)
+    D_cl = Discriminator(config).to(memory_format=TRAIN_LAYOUT)
+    G_cl.load_state_dict(G.state_dict())
+    D_cl.load_state_dict(D.state_dict())
+    for noise in G.modules():  # noise weights start at 0: make the noise path count
+        if isinstance(noise, NoiseInjection):
+            noise.weight.data.fill_(0.3)
+    G_cl.load_state_dict(G.state_dict())
+    assert G_cl.blocks[0].conv1.weight.is_contiguous(memory_format=TRAIN_LAYOUT)
+
+    torch.manual_seed(1)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    z, alpha = torch.randn(4, 32), torch.rand(4)
+    labels = torch.tensor([0, 1, 0, 1]) if conditional else None
+
+    def step(G, D, real):
+        torch.manual_seed(2)  # the same per-pixel noise on both sides
+        real_in = image_pyramid(real, config.scales())
+        fake = G(z, labels)
+        loss, _ = discriminator_loss(lambda s: D(s, labels), real_in, fake, alpha=alpha)
+        loss.backward()
+        return loss, [p.grad for p in (*G.parameters(), *D.parameters())]
+
+    loss, grads = step(G, D, real)
+    loss_cl, grads_cl = step(G_cl, D_cl, real.contiguous(memory_format=TRAIN_LAYOUT))
+    torch.testing.assert_close(loss_cl, loss, rtol=1e-4, atol=1e-5)
+    assert len(grads) == len(grads_cl) and all(g is not None for g in grads)
+    for g, g_cl in zip(grads, grads_cl, strict=True):
+        torch.testing.assert_close(g_cl, g, rtol=1e-3, atol=1e-5)
