@@ -1210,6 +1210,15 @@ def classify(
         Optional[Path],  # noqa: UP045
         typer.Option(help="Folder of cached features (default: OUT/features)."),
     ] = None,
+    features_only: Annotated[
+        bool,
+        typer.Option(
+            help="Only fill the feature cache with this process's share of the scenarios' "
+            "shards (a torchrun rank's, a Slurm array task's block), then stop: run it as "
+            "`torchrun --nproc_per_node N -m synthbreast classify --features-only ...` or an "
+            "array, then classify as usual."
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto (a GPU if any), cpu, cuda or cuda:N.")] = "auto",
     force: Annotated[bool, typer.Option(help="Redo a scenario whose metrics.json exists.")] = False,
     config_file: ConfigFile = None,
@@ -1244,6 +1253,7 @@ def classify(
         seed=seed,
         cache_features=cache,
         feature_cache=str(feature_cache) if feature_cache else None,
+        features_only=features_only,
         device=device,
         force=force,
     )

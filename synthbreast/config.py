@@ -354,6 +354,9 @@ class ClassifyConfig:
     cache_features: bool = True  # frozen: backbone features computed once per image
     feature_cache: str | None = run_only(None)  # None: OUT/features
     feature_batch_size: int = run_only(128)  # images per backbone call when computing features
+    # only this process's share of the cached features (torchrun rank, Slurm array block), no
+    # training: many processes fill the cache, then one `classify` trains on it
+    features_only: bool = run_only(False)
     n_boot: int = 1000  # bootstrap resamples of the 95% intervals
     device: str = run_only("auto")  # auto (cuda if present) | cpu | cuda | cuda:1 ...
     force: bool = run_only(False)  # redo a scenario whose metrics.json exists

@@ -28,8 +28,9 @@ import dataclasses
 import io
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -152,8 +153,8 @@ def validate(config: ClassifyConfig) -> None:
     if config.scenario == ALL_SCENARIOS:
         if config.task_id is not None:
             raise UserError("--scenario all runs every scenario: leave out --task-id")
-    else:
-        resolve_scenario(config.scenario, config.task_id)
+    elif not (config.features_only and config.scenario is None and config.task_id is None):
+        resolve_scenario(config.scenario, config.task_id)  # --features-only: all by default
 
 
 def uses_cache(config: ClassifyConfig) -> bool:
@@ -648,26 +649,13 @@ def _run(
     # Data: which shards and samples (planned from the manifests by run_classify).
     image_size = check_sizes(plan)
 
-    # Model: the seed decides the random backbone (weights none) and the new fc.
-    imagenet = None
-    if config.weights == "imagenet":
-        imagenet = load_imagenet_state(config.backbone, config.weights_path)
-    # Classes and channels from the real manifest: 2 classes for IDC, 3 for healthy / benign /
-    # malignant; grey data enters an RGB stem replicated, cnn4 reads it as one channel.
-    class_names, data_channels = task_classes(config, plan)
-    channels = input_channels(config.backbone, data_channels)
-    torch.manual_seed(config.seed)
-    model = build_classifier(config.backbone, imagenet, len(class_names), channels).to(device)
+    model, imagenet, class_names, data_channels, channels = build_model(config, plan, device)
     parameters = set_trainable(model, config.mode)
 
     # Inputs: cached backbone features (frozen), or uint8 images run through the whole model.
     cached = uses_cache(config)
     if cached:
-        cache_root = Path(config.feature_cache or Path(config.out) / FEATURES)
-        cache = FeatureCache(
-            cache_root, model, config.backbone, size, device, config.feature_batch_size,
-            progress, log,
-        )  # fmt: skip
+        cache = feature_cache(config, model, size, device, progress, log)
         cache.plan([plan.train, plan.test])
         train, test = (load_plan(p, config.seed, cache) for p in (plan.train, plan.test))
         forward = model.fc
@@ -755,6 +743,34 @@ def _run(
     atomic_write_json(run_dir / METRICS, metrics)
 
 
+def build_model(
+    config: ClassifyConfig, plan: ScenarioPlan, device: torch.device
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, list[str], int, int]:
+    """(model, ImageNet state or None, class names, data channels, input channels). The seed
+    decides the random backbone (weights none) and the new fc, so every process that builds
+    the model of one config builds the same one (and finds the same feature cache)."""
+    imagenet = None
+    if config.weights == "imagenet":
+        imagenet = load_imagenet_state(config.backbone, config.weights_path)
+    # Classes and channels from the real manifest: 2 classes for IDC, 3 for healthy / benign /
+    # malignant; grey data enters an RGB stem replicated, cnn4 reads it as one channel.
+    class_names, data_channels = task_classes(config, plan)
+    channels = input_channels(config.backbone, data_channels)
+    torch.manual_seed(config.seed)
+    model = build_classifier(config.backbone, imagenet, len(class_names), channels).to(device)
+    return model, imagenet, class_names, data_channels, channels
+
+
+def feature_cache(
+    config: ClassifyConfig, model: nn.Module, size: int | None, device: torch.device,
+    progress=None, log: Log | None = None,
+) -> FeatureCache:  # fmt: skip
+    root = Path(config.feature_cache or Path(config.out) / FEATURES)
+    return FeatureCache(
+        root, model, config.backbone, size, device, config.feature_batch_size, progress, log
+    )
+
+
 def task_classes(config: ClassifyConfig, plan: ScenarioPlan) -> tuple[list[str], int]:
     """(class names, channels) of the task: the real folder's manifest, or without one
     (synth-synth) the first training manifest's."""
@@ -799,6 +815,9 @@ def run_scenarios(config: ClassifyConfig, progress=None, log: Log | None = None)
     A scenario that cannot run (UserError, e.g. no synthetic data) does not stop the others;
     the errors are raised together at the end.
     """
+    if config.features_only:
+        precompute_features(config, progress, log)
+        return []
     if config.scenario != ALL_SCENARIOS:
         return [run_classify(config, progress, log)]
     if config.task_id is not None:
@@ -814,6 +833,102 @@ def run_scenarios(config: ClassifyConfig, progress=None, log: Log | None = None)
     if failed:
         raise UserError("scenarios failed (their failed.json says why):\n" + "\n".join(failed))
     return done
+
+
+# --- the feature pass over processes and array tasks ------------------------------------------
+
+
+def precompute_features(
+    config: ClassifyConfig,
+    progress=None,
+    log: Log | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """`classify --features-only`: this process's share of the cached backbone features of the
+    chosen scenarios (all of them by default), then stop; a later `classify` finds them.
+
+    The shards to embed (each once, in plan order) are split as `generate` splits its shards:
+    a Slurm array task takes its contiguous block, then torchrun's ranks take every
+    WORLD_SIZE-th of it. Processes never talk to each other: each writes its own shards' cache
+    files (atomically, named by the shard's sha256), so any number of them, on any machines
+    sharing the folder, fill one cache. Returns what this process did.
+    """
+    from synthbreast.generate import process_rank, slurm_block
+
+    started = time.perf_counter()
+    env = os.environ if env is None else env
+    validate(config)
+    if not uses_cache(config):
+        raise UserError(
+            "--features-only fills the feature cache of a frozen backbone: drop --no-cache "
+            "and --mode finetune"
+        )
+    config = with_resolved_paths(config, "real", "synthetic")
+    names = scenario_names() if config.scenario in (None, ALL_SCENARIOS) else [config.scenario]
+    if config.task_id is not None:
+        names = [resolve_scenario(None, config.task_id)[0].name]
+    size = parse_input_size(config.input_size)
+    device = choose_device(config.device)
+    caches: dict[tuple[tuple[str, ...], int], FeatureCache] = {}
+    todo: dict[tuple[str, str], tuple[FeatureCache, ShardRef, str]] = {}
+    skipped = []
+    for name in names:
+        scenario, task_id = resolve_scenario(name, None)
+        try:
+            plan = plan_scenario(
+                scenario, task_id, config.real, config.synthetic, config.synth_ratio
+            )
+        except UserError as err:  # e.g. no synthetic set: the other scenarios' shards still
+            skipped.append(f"{name}: {err}")
+            continue
+        class_names, channels = task_classes(config, plan)
+        key = (tuple(class_names), channels)  # one model (and cache folder) per task
+        if key not in caches:
+            model = build_model(config, plan, device)[0]
+            caches[key] = feature_cache(config, model, size, device, progress, log)
+        cache = caches[key]
+        for part in plan.train.parts + plan.test.parts:
+            for ref in part.shards:
+                todo.setdefault((str(cache.dir), ref.sha256), (cache, ref, part.kind))
+    if not todo:
+        raise UserError("no scenario could be planned:\n" + "\n".join(skipped))
+    items = list(todo.values())
+    block = slurm_block(len(items), env) or range(len(items))
+    rank, world = process_rank(env)
+    mine = [items[i] for i in list(block)[rank::world]]
+    images = 0
+    task = None
+    if progress is not None and mine:
+        task = progress.add_task("backbone features", total=sum(r.count for _, r, _ in mine))
+    for cache, ref, kind in mine:
+        cache(ref, kind)
+        images += ref.count
+        if task is not None:
+            progress.advance(task, ref.count)
+    summary = {
+        "rank": rank,
+        "world": world,
+        "shards": len(mine),
+        "of_shards": len(items),
+        "images": images,
+        "computed": sum(c.computed for c in caches.values()),
+        "reused": sum(c.reused for c in caches.values()),
+        "seconds": round(time.perf_counter() - started, 3),
+        "cache": sorted({str(c.dir) for c in caches.values()}),
+        "not_planned": skipped,
+    }
+    if log:
+        where = f"rank {rank} of {world}" if world > 1 else "one process"
+        if "SLURM_ARRAY_TASK_ID" in env:
+            where = f"array task {env['SLURM_ARRAY_TASK_ID']}, {where}"
+        log(
+            f"features ({where}): {len(mine)} of {len(items)} shards, {images} images: "
+            f"{summary['computed']} computed, {summary['reused']} already cached, "
+            f"{summary['seconds']:.1f} s -> {', '.join(summary['cache'])}"
+        )
+        for line in skipped:
+            log(f"features: scenario not planned, its shards left out: {line}")
+    return summary
 
 
 def summary_line(run_dir: Path) -> str:

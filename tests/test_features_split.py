@@ -1,0 +1,111 @@
+"""`classify --features-only`: the frozen backbone's feature pass split over Slurm array tasks
+and torchrun ranks fills the same cache as one process does, and `classify` then reuses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from synthbreast.cli import app
+from synthbreast.config import ClassifyConfig
+from synthbreast.eval.classify import precompute_features, run_classify
+from tests.conftest import REPO
+from tests.test_scenarios import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+def features_job(out: Path, real: Path, synthetic: Path, **overrides) -> ClassifyConfig:
+    settings = dict(
+        out=str(out), real=str(real), synthetic=[str(synthetic)], weights="none",
+        input_size="native", epochs=2, batch_size=8, n_boot=50, features_only=True,
+    )  # fmt: skip
+    return ClassifyConfig(**{**settings, **overrides})
+
+
+def cache_files(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    root = out / "features"
+    return {str(p.relative_to(root)): load_file(p) for p in root.glob("*/*.safetensors")}
+
+
+def assert_same_cache(found: dict, expected: dict) -> None:
+    assert sorted(found) == sorted(expected)
+    for name, tensors in expected.items():
+        torch.testing.assert_close(found[name]["features"], tensors["features"])
+        assert torch.equal(found[name]["labels"], tensors["labels"])
+
+
+def test_array_tasks_and_ranks_share_the_pass_and_classify_reuses_it(
+    demo_shards, synthetic, tmp_path
+):
+    whole_run = precompute_features(features_job(tmp_path / "one", demo_shards, synthetic), env={})
+    whole = cache_files(tmp_path / "one")
+    # every scenario's shards once: the real train and test pools and both synthetic classes
+    assert whole_run["shards"] == whole_run["of_shards"] == whole_run["computed"] == len(whole)
+    assert len(whole) >= 8 and whole_run["not_planned"] == []
+
+    split = tmp_path / "split"
+    job = features_job(split, demo_shards, synthetic)
+    shares = []
+    for task in (0, 1):  # 2 array tasks, each of 2 torchrun ranks: 4 disjoint shares
+        for rank in (0, 1):
+            env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"}
+            before = set(cache_files(split)) if (split / "features").is_dir() else set()
+            done = precompute_features(job, env={**env, "RANK": str(rank), "WORLD_SIZE": "2"})
+            shares.append(set(cache_files(split)) - before)
+            assert done["computed"] == done["shards"] == len(shares[-1]) > 0
+    assert sum(len(s) for s in shares) == len(whole)
+    assert_same_cache(cache_files(split), whole)
+
+    again = precompute_features(job, env={})  # all cached: nothing computed
+    assert again["computed"] == 0 and again["reused"] == len(whole)
+    for scenario in ("real-real", "synth-real"):
+        run = run_classify(dataclasses.replace(job, features_only=False, scenario=scenario))
+        shards = json.loads((run / "metrics.json").read_text())["model"]["feature_shards"]
+        assert shards["computed"] == 0 and shards["reused"] > 0, (scenario, shards)
+
+
+def test_torchrun_ranks_fill_the_one_process_cache(demo_shards, synthetic, tmp_path):
+    precompute_features(features_job(tmp_path / "one", demo_shards, synthetic), env={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD"))}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "synthbreast", "classify", "--features-only", "--out", str(tmp_path / "two"),
+        "--real", str(demo_shards), "--synthetic", str(synthetic), "--weights", "none",
+        "--input-size", "native",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("features (rank")]
+    assert len(lines) == 2 and {line.split(")")[0] for line in lines} == {
+        "features (rank 0 of 2",
+        "features (rank 1 of 2",
+    }, output[-3000:]
+    assert_same_cache(cache_files(tmp_path / "two"), cache_files(tmp_path / "one"))
+
+
+def test_features_only_without_a_cache_is_one_line(demo_shards, synthetic, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["classify", "--features-only", "--mode", "finetune", "--out", str(tmp_path / "o"),
+         "--real", str(demo_shards), "--synthetic", str(synthetic)],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--features-only fills the feature cache of a frozen backbone" in result.output
+    assert "Traceback" not in result.output
