@@ -6,6 +6,7 @@
 #   REAL=/scratch/idc-shards SYNTHETIC=/scratch/synthetic OUT=/scratch/classify \
 #       sbatch --array=0-4 slurm/classify.sh
 #   ... sbatch --array=3 slurm/classify.sh          # rerun one failed scenario
+#   FEATURES_ONLY=1 ... sbatch --array=0-7 slurm/classify.sh   # the feature pass, 8 tasks
 #
 # `synthbreast submit classify` and `submit all` write the config file and this command line
 # for you (--dry-run prints them).
@@ -20,6 +21,9 @@
 #                      parent folder)                                              (required)
 #   OUT                folder of the scenario run folders                           (required)
 #   EXTRA              more classify flags, e.g. "--weights none --epochs 30"
+#   FEATURES_ONLY=1    fill the feature cache of every scenario instead (`classify
+#                      --features-only`): task k of K embeds the k-th block of the shards;
+#                      then the scenario array finds every feature cached
 #   SYNTHBREAST_IMAGE  an Apptainer image to run in; unset: the installed `synthbreast`
 #
 # No --signal/--requeue here: a scenario is minutes to an hour on a GPU with cached features,
@@ -36,13 +40,19 @@ set -euo pipefail
 
 : "${SLURM_ARRAY_TASK_ID:?submit as an array job: sbatch --array=0-4 slurm/classify.sh}"
 
+# the scenario of this task, or (FEATURES_ONLY=1) this task's block of every scenario's shards
+if [[ "${FEATURES_ONLY:-0}" == 1 ]]; then
+    which=(--features-only)
+else
+    which=(--task-id "$SLURM_ARRAY_TASK_ID")
+fi
 if [[ -n "${CONFIG:-}" ]]; then
-    args=(classify --config "$CONFIG" --task-id "$SLURM_ARRAY_TASK_ID")
+    args=(classify --config "$CONFIG" "${which[@]}")
 else
     : "${REAL:?set REAL to the real shards folder (or CONFIG to a classify config)}"
     : "${SYNTHETIC:?set SYNTHETIC to the synthetic shards folder(s)}"
     : "${OUT:?set OUT to the folder for the scenario runs}"
-    args=(classify --real "$REAL" --out "$OUT" --task-id "$SLURM_ARRAY_TASK_ID")
+    args=(classify --real "$REAL" --out "$OUT" "${which[@]}")
     read -r -a folders <<< "$SYNTHETIC"
     for folder in "${folders[@]}"; do
         args+=(--synthetic "$folder")
@@ -52,7 +62,7 @@ else
     args+=("${extra[@]}")
 fi
 
-echo "scenario task ${SLURM_ARRAY_TASK_ID} of array ${SLURM_ARRAY_JOB_ID:-none} on $(hostname)"
+echo "${which[0]#--} task ${SLURM_ARRAY_TASK_ID} of array ${SLURM_ARRAY_JOB_ID:-none} on $(hostname)"
 if [[ -n "${SYNTHBREAST_IMAGE:-}" ]]; then
     exec apptainer exec --nv "$SYNTHBREAST_IMAGE" synthbreast "${args[@]}"
 else

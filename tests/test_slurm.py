@@ -258,3 +258,39 @@ def test_submit_train_singan_then_generate_singan_after_it(slurm_cluster, demo_s
     rows = dict(re.findall(r"│ (\S+) +│ (.+?) +│", shown.stdout))
     assert rows.get(".") == rows.get(str(out)) == "complete", shown.stdout
     assert shown.stdout.count(":COMPLETED") == 4, "two tasks of each array"
+
+
+def test_classify_feature_pass_array_fills_the_local_cache(slurm_cluster, demo_shards, tmp_path):
+    """FEATURES_ONLY=1 slurm/classify.sh: 2 array tasks embed disjoint blocks of real-real's
+    shards, and together make the cache one local process makes."""
+    from safetensors.torch import load_file
+
+    from synthbreast.config import ClassifyConfig, save_config
+    from synthbreast.eval.classify import precompute_features
+
+    def job(cache: Path) -> ClassifyConfig:
+        return ClassifyConfig(
+            out=str(tmp_path / "out"), real=str(demo_shards), scenario="real-real",
+            weights="none", input_size="native", feature_cache=str(cache), features_only=True,
+        )  # fmt: skip
+
+    def cache_files(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
+        return {str(p.relative_to(cache)): load_file(p) for p in cache.glob("*/*.safetensors")}
+
+    save_config(job(tmp_path / "slurm-cache"), tmp_path / "classify.json")
+    array = slurm_cluster.sbatch(
+        "--array=0-1", "--gres=none", *CPU_ONLY, f"--output={tmp_path}/features-%A_%a.out",
+        str(REPO / "slurm" / "classify.sh"),
+        env={"CONFIG": str(tmp_path / "classify.json"), "FEATURES_ONLY": "1"}, cwd=tmp_path,
+    )  # fmt: skip
+    local = precompute_features(job(tmp_path / "local-cache"), env={})
+    tasks = slurm_cluster.wait(array, timeout=300)
+    logs = "\n".join(read(p) for p in sorted(tmp_path.glob("features-*.out")))
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), f"{tasks}\n{logs}"
+    done = re.findall(r"features \(array task \d, one process\): (\d+) of", logs)
+    shares = [int(n) for n in done]
+    assert len(shares) == 2 and all(shares) and sum(shares) == local["of_shards"], logs
+    found, expected = cache_files(tmp_path / "slurm-cache"), cache_files(tmp_path / "local-cache")
+    assert sorted(found) == sorted(expected) and len(expected) == local["of_shards"]
+    for name, tensors in expected.items():
+        torch.testing.assert_close(found[name]["features"], tensors["features"])

@@ -896,7 +896,7 @@ def precompute_features(
     block = slurm_block(len(items), env) or range(len(items))
     rank, world = process_rank(env)
     mine = [items[i] for i in list(block)[rank::world]]
-    images = 0
+    images, computing = 0, time.perf_counter()
     task = None
     if progress is not None and mine:
         task = progress.add_task("backbone features", total=sum(r.count for _, r, _ in mine))
@@ -914,6 +914,7 @@ def precompute_features(
         "computed": sum(c.computed for c in caches.values()),
         "reused": sum(c.reused for c in caches.values()),
         "seconds": round(time.perf_counter() - started, 3),
+        "compute_seconds": round(time.perf_counter() - computing, 3),  # after the model's build
         "cache": sorted({str(c.dir) for c in caches.values()}),
         "not_planned": skipped,
     }

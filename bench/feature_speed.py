@@ -1,0 +1,239 @@
+"""Time the classifier's feature pass (`classify --features-only`) at 1, 2 and 4 processes
+(torchrun) and as Slurm arrays of 1 and 2 tasks (slurm/classify.sh on the tests' local cluster,
+as root), on demo shards made in a temporary folder, and print the scaling efficiency.
+
+Each setting fills its own cache from nothing. Printed per setting: images/s of the pass
+itself (from each process's own timing after its backbone is built; the slowest process decides)
+and over the whole wall time with process start-up; for the arrays, over the span from the
+first task's start to the last one's end (Slurm's 1 s resolution). Efficiency at N = the N-way
+rate / (N x the 1-process, 1-thread rate). Checks that every setting's cache equals the
+1-process one.
+
+    python bench/feature_speed.py                                   # ResNet18, 224 px
+    python bench/feature_speed.py --settings 1:1 1:2 2 4 --slurm-tasks 1 2
+    python bench/feature_speed.py --backbone efficientnet-lite0 --input-size 128 --slurm-tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from ceilings import machine_line  # noqa: E402  (bench/, beside this file)
+from safetensors.torch import load_file  # noqa: E402
+
+from synthbreast.config import ClassifyConfig, DemoDataConfig, IngestConfig, save_config  # noqa: E402
+from synthbreast.data.demo import write_demo_dataset  # noqa: E402
+from synthbreast.data.ingest import run_ingest  # noqa: E402
+from synthbreast.eval.classify import precompute_features  # noqa: E402
+
+RESULT = "BENCH-RESULT "  # prefix of each rank's summary line
+SPLIT_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patients", type=int, default=12)
+    parser.add_argument("--per-class", type=int, default=40, help="demo patches per class")
+    parser.add_argument("--shard-size", type=int, default=40)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--weights", default="none", help="the speed is the same with imagenet")
+    parser.add_argument("--input-size", default="224")
+    parser.add_argument(
+        "--settings", nargs="+", default=["1:1", "2", "4"],
+        help="P (P torchrun processes, 1 thread each) or P:T (OMP_NUM_THREADS=T)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--slurm-tasks", type=int, nargs="*", default=[1, 2],
+        help="array sizes on the local Slurm cluster (root only); none: skip",
+    )  # fmt: skip
+    parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def make_job(root: Path, args: argparse.Namespace) -> Path:
+    """Demo shards and a classify config of the real-real scenario's feature pass."""
+    demo = root / "demo"
+    write_demo_dataset(DemoDataConfig(str(demo), args.patients, args.per_class, seed=0))
+    shards = root / "shards"
+    run_ingest(IngestConfig(src=str(demo), out=str(shards), shard_size=args.shard_size))
+    config = ClassifyConfig(
+        out=str(root / "unused"), real=str(shards), scenario="real-real", backbone=args.backbone,
+        weights=args.weights, input_size=args.input_size, features_only=True, device="cpu",
+    )  # fmt: skip
+    save_config(config, root / "classify.json")
+    return root / "classify.json"
+
+
+def worker(args: argparse.Namespace) -> None:
+    from synthbreast.config import load_config
+
+    summary = precompute_features(load_config(args.worker, ClassifyConfig))
+    summary["threads"] = torch.get_num_threads()
+    print(RESULT + json.dumps(summary), flush=True)
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in SPLIT_VARS}
+
+
+def job_for(config: Path, cache: Path) -> Path:
+    """The same job with its own cache folder."""
+    data = json.loads(config.read_text())
+    data["feature_cache"] = str(cache)
+    path = cache.parent / f"{cache.name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def launch(setting: str, config: Path, cache: Path) -> dict:
+    processes_text, _, threads = setting.partition(":")
+    processes = int(processes_text)
+    command = [sys.executable]
+    if processes > 1:
+        command += ["-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(processes)]
+    command += [__file__, "--worker", str(job_for(config, cache))]
+    env = clean_env()
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    ranks = [json.loads(line[len(RESULT) :]) for line in done.stdout.splitlines()
+             if line.startswith(RESULT)]  # fmt: skip
+    images = sum(r["images"] for r in ranks)
+    return {
+        "label": f"{len(ranks)} process(es) x {sorted({r['threads'] for r in ranks})} thread(s)",
+        "processes": len(ranks),
+        "threads": sorted({r["threads"] for r in ranks}),
+        "images": images,
+        "pass_img_s": images / max(r["compute_seconds"] for r in ranks),
+        "wall_img_s": images / wall,
+        "wall_s": wall,
+    }
+
+
+def run_arrays(tasks_list: list[int], config: Path, root: Path) -> list[tuple[dict, Path]]:
+    from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed
+
+    ensure_slurm_installed()
+    cluster = SlurmCluster(root / "cluster")
+    (root / "cluster").mkdir()
+    found = []
+    try:
+        cluster.start()
+        for tasks in tasks_list:
+            cache = root / f"slurm-{tasks}"
+            job = cluster.sbatch(
+                f"--array=0-{tasks - 1}", "--gres=none", "--cpus-per-task=1", "--mem=4G",
+                f"--output={root}/slurm-{tasks}-%A_%a.log", str(REPO / "slurm" / "classify.sh"),
+                env={"CONFIG": str(job_for(config, cache)), "FEATURES_ONLY": "1",
+                     "OMP_NUM_THREADS": "1"},
+                cwd=root,
+            )  # fmt: skip
+            records = cluster.wait(job, timeout=3600)
+            if any(r["JobState"] != "COMPLETED" for r in records):
+                logs = "\n".join(p.read_text()[-1500:] for p in root.glob(f"slurm-{tasks}-*.log"))
+                sys.exit(f"array {job} did not complete: {records}\n{logs}")
+            starts = [datetime.fromisoformat(r["StartTime"]) for r in records]
+            ends = [datetime.fromisoformat(r["EndTime"]) for r in records]
+            span = (max(ends) - min(starts)).total_seconds()
+            images = cache_images(cache)
+            found.append(({"tasks": len(records), "span_s": span, "images": images,
+                           "img_s": images / span}, cache))  # fmt: skip
+    finally:
+        cluster.stop()
+    return found
+
+
+def cache_files(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.relative_to(cache)): load_file(p) for p in cache.glob("*/*.safetensors")}
+
+
+def cache_images(cache: Path) -> int:
+    return sum(len(t["labels"]) for t in cache_files(cache).values())
+
+
+def same_cache(a: Path, b: Path) -> bool:
+    x, y = cache_files(a), cache_files(b)
+    return sorted(x) == sorted(y) and all(
+        torch.allclose(x[k]["features"], y[k]["features"], atol=1e-5) for k in x
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="features-", dir="/tmp") as tmp:
+        root = Path(tmp)
+        config = make_job(root, args)
+        print(
+            f"feature pass: {args.backbone} (weights {args.weights}) at {args.input_size} px, "
+            f"real-real's shards of {args.patients} demo patients x 2 x {args.per_class}"
+        )
+        print(machine_line())
+        results, caches = [], []
+        for setting in args.settings:
+            cache = root / f"local-{setting.replace(':', 'x')}"
+            r = launch(setting, config, cache)
+            results.append(r)
+            caches.append(cache)
+            print(
+                f"{r['label']}: {r['pass_img_s']:7.1f} img/s in the pass, "
+                f"{r['wall_img_s']:7.1f} with start-up ({r['images']} images, {r['wall_s']:.1f} s)",
+                flush=True,
+            )
+        one = next((r for r in results if r["processes"] == 1 and r["threads"] == [1]), None)
+        for r in results:
+            if one and r["processes"] > 1:
+                n = r["processes"]
+                print(
+                    f"scaling efficiency at {n} processes: "
+                    f"{r['pass_img_s'] / (n * one['pass_img_s']):.2f} in the pass, "
+                    f"{r['wall_img_s'] / (n * one['wall_img_s']):.2f} with start-up"
+                )
+        cores = os.cpu_count() or 1
+        per_core = next((r for r in results if r["processes"] == cores), None)
+        for r in results:
+            if per_core and r["processes"] > cores:
+                print(
+                    f"{r['processes']} processes on {cores} cores: "
+                    f"{r['pass_img_s'] / per_core['pass_img_s']:.2f} of the {cores}-process rate "
+                    "(the ceiling with one process per core)"
+                )
+        if args.slurm_tasks:
+            if os.geteuid() != 0:
+                sys.exit("the local Slurm cluster runs as root: run as root or --slurm-tasks")
+            arrays = run_arrays(args.slurm_tasks, config, root)
+            for a, cache in arrays:
+                caches.append(cache)
+                print(
+                    f"{a['tasks']} array task(s), 1 CPU each: {a['img_s']:7.1f} img/s over the "
+                    f"span of {a['span_s']:.0f} s, start-up included ({a['images']} images)"
+                )
+            first = next((a for a, _ in arrays if a["tasks"] == 1), None)
+            for a, _ in arrays:
+                if first and a["tasks"] > 1:
+                    efficiency = a["img_s"] / (a["tasks"] * first["img_s"])
+                    print(f"scaling efficiency at {a['tasks']} array tasks: {efficiency:.2f}")
+        print(f"every cache equals the first: {all(same_cache(caches[0], c) for c in caches)}")
+
+
+if __name__ == "__main__":
+    main()
