@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -31,15 +29,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from ceilings import machine_line  # noqa: E402  (bench/, beside this file)
+from generate_speed import RESULT, launch_ranks  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from synthbreast.config import ClassifyConfig, DemoDataConfig, IngestConfig, save_config  # noqa: E402
 from synthbreast.data.demo import write_demo_dataset  # noqa: E402
 from synthbreast.data.ingest import run_ingest  # noqa: E402
 from synthbreast.eval.classify import precompute_features  # noqa: E402
-
-RESULT = "BENCH-RESULT "  # prefix of each rank's summary line
-SPLIT_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,10 +80,6 @@ def worker(args: argparse.Namespace) -> None:
     print(RESULT + json.dumps(summary), flush=True)
 
 
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in SPLIT_VARS}
-
-
 def job_for(config: Path, cache: Path) -> Path:
     """The same job with its own cache folder."""
     data = json.loads(config.read_text())
@@ -98,23 +90,7 @@ def job_for(config: Path, cache: Path) -> Path:
 
 
 def launch(setting: str, config: Path, cache: Path) -> dict:
-    processes_text, _, threads = setting.partition(":")
-    processes = int(processes_text)
-    command = [sys.executable]
-    if processes > 1:
-        command += ["-m", "torch.distributed.run", "--standalone"]
-        command += ["--nproc_per_node", str(processes)]
-    command += [__file__, "--worker", str(job_for(config, cache))]
-    env = clean_env()
-    if threads:
-        env["OMP_NUM_THREADS"] = threads
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    ranks = [json.loads(line[len(RESULT) :]) for line in done.stdout.splitlines()
-             if line.startswith(RESULT)]  # fmt: skip
+    ranks, wall = launch_ranks([__file__, "--worker", str(job_for(config, cache))], setting)
     images = sum(r["images"] for r in ranks)
     return {
         "label": f"{len(ranks)} process(es) x {sorted({r['threads'] for r in ranks})} thread(s)",

@@ -84,18 +84,18 @@ def worker(args: argparse.Namespace) -> None:
     print(RESULT + json.dumps(summary), flush=True)
 
 
-def launch(args: argparse.Namespace, setting: str, checkpoint: Path, out: Path) -> dict:
+def launch_ranks(script: list[str], setting: str) -> tuple[list[dict], float]:
+    """Run `python SCRIPT...` as setting P (P torchrun processes) or P:T (OMP_NUM_THREADS=T);
+    returns each rank's RESULT line (parsed) and the wall seconds, process start-up included."""
     processes_text, _, threads = setting.partition(":")
     processes = int(processes_text)
     command = [sys.executable]
     if processes > 1:
         command += ["-m", "torch.distributed.run", "--standalone"]
         command += ["--nproc_per_node", str(processes)]
-    command += [__file__, "--worker", str(checkpoint), str(out)]
-    for name in ("width", "resolution", "latent", "shards", "per_shard", "batch_size"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    command += ["--output-size", str(args.output_size)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    command += script
+    split = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+    env = {k: v for k, v in os.environ.items() if k not in split}
     if threads:
         env["OMP_NUM_THREADS"] = threads
     started = time.perf_counter()
@@ -108,6 +108,15 @@ def launch(args: argparse.Namespace, setting: str, checkpoint: Path, out: Path) 
         for line in done.stdout.splitlines()
         if line.startswith(RESULT)
     ]
+    return ranks, wall
+
+
+def launch(args: argparse.Namespace, setting: str, checkpoint: Path, out: Path) -> dict:
+    script = [__file__, "--worker", str(checkpoint), str(out)]
+    for name in ("width", "resolution", "latent", "shards", "per_shard", "batch_size"):
+        script += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    script += ["--output-size", str(args.output_size)]
+    ranks, wall = launch_ranks(script, setting)
     images = sum(r["images"] for r in ranks)
     problems = verify_shards(out, load_manifest(out))
     return {
