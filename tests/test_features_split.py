@@ -69,6 +69,10 @@ def test_array_tasks_and_ranks_share_the_pass_and_classify_reuses_it(
     assert sum(len(s) for s in shares) == len(whole)
     assert_same_cache(cache_files(split), whole)
 
+    # more array tasks than shards: the last tasks' blocks are empty, not the whole set
+    surplus = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "100"}  # block [0, 0)
+    assert precompute_features(job, env=surplus)["shards"] == 0
+
     again = precompute_features(job, env={})  # all cached: nothing computed
     assert again["computed"] == 0 and again["reused"] == len(whole)
     for scenario in ("real-real", "synth-real"):

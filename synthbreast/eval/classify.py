@@ -893,7 +893,9 @@ def precompute_features(
     if not todo:
         raise UserError("no scenario could be planned:\n" + "\n".join(skipped))
     items = list(todo.values())
-    block = slurm_block(len(items), env) or range(len(items))
+    block = slurm_block(len(items), env)  # an empty block (more tasks than shards): none
+    if block is None:
+        block = range(len(items))
     rank, world = process_rank(env)
     mine = [items[i] for i in list(block)[rank::world]]
     images, computing = 0, time.perf_counter()
