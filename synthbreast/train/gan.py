@@ -554,9 +554,9 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
     random.seed(config.seed)
     model = model_config(config, spec, num_classes, manifest_channels(manifest))
     # channels_last, oneDNN's (and cuDNN's tensor-core) native layout: in NCHW every conv of
-    # the `small` budget reordered its input and output, and the step ran 1.56x slower
-    # (23.0 against 35.8 img/s, bench/gan_budget_step.py --variants layout). The arithmetic is
-    # the same; tests/test_msggan.py checks outputs and gradients against NCHW.
+    # the `small` budget reordered its input and output: channels_last ran the step 1.35x
+    # faster (32.3 against 24.0 img/s, bench/gan_budget_step.py --variants speed). The
+    # arithmetic is the same; tests/test_msggan.py checks losses and gradients against NCHW.
     G = spec.generator(model).to(device, memory_format=TRAIN_LAYOUT)
     D = spec.discriminator(model).to(device, memory_format=TRAIN_LAYOUT)
     G_ema = make_ema(G)
