@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +103,8 @@ def launch(setting: str, config: Path, cache: Path) -> dict:
 
 
 def run_arrays(tasks_list: list[int], config: Path, root: Path) -> list[tuple[dict, Path]]:
+    from slurm_generate_speed import wait_array
+
     from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed
 
     ensure_slurm_installed()
@@ -121,15 +122,9 @@ def run_arrays(tasks_list: list[int], config: Path, root: Path) -> list[tuple[di
                      "OMP_NUM_THREADS": "1"},
                 cwd=root,
             )  # fmt: skip
-            records = cluster.wait(job, timeout=3600)
-            if any(r["JobState"] != "COMPLETED" for r in records):
-                logs = "\n".join(p.read_text()[-1500:] for p in root.glob(f"slurm-{tasks}-*.log"))
-                sys.exit(f"array {job} did not complete: {records}\n{logs}")
-            starts = [datetime.fromisoformat(r["StartTime"]) for r in records]
-            ends = [datetime.fromisoformat(r["EndTime"]) for r in records]
-            span = (max(ends) - min(starts)).total_seconds()
+            task_s, span = wait_array(cluster, job, root, f"slurm-{tasks}-*.log")
             images = cache_images(cache)
-            found.append(({"tasks": len(records), "span_s": span, "images": images,
+            found.append(({"tasks": len(task_s), "span_s": span, "images": images,
                            "img_s": images / span}, cache))  # fmt: skip
     finally:
         cluster.stop()

@@ -43,6 +43,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def wait_array(
+    cluster: SlurmCluster, job: str, logs: Path, pattern: str
+) -> tuple[list[float], float]:
+    """Wait for array `job`; exit with the tasks' logs (LOGS/PATTERN) unless every task
+    COMPLETED. Returns each task's seconds from StartTime to EndTime and the span from the
+    first start to the last end (Slurm's 1 s steps)."""
+    records = cluster.wait(job, timeout=3600)
+    if any(r["JobState"] != "COMPLETED" for r in records):
+        text = "\n".join(p.read_text()[-1500:] for p in sorted(logs.glob(pattern)))
+        sys.exit(f"array {job} did not complete: {records}\n{text}")
+    starts = [datetime.fromisoformat(r["StartTime"]) for r in records]
+    ends = [datetime.fromisoformat(r["EndTime"]) for r in records]
+    task_s = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
+    return task_s, (max(ends) - min(starts)).total_seconds()
+
+
 def run_array(cluster: SlurmCluster, tasks: int, checkpoint: Path, out: Path, args) -> dict:
     env = {
         "CHECKPOINT": str(checkpoint),
@@ -63,18 +79,12 @@ def run_array(cluster: SlurmCluster, tasks: int, checkpoint: Path, out: Path, ar
         env=env,
         cwd=out.parent,
     )
-    records = cluster.wait(job, timeout=3600)
+    task_s, span = wait_array(cluster, job, out.parent, f"{out.name}-*.log")
     wall = time.perf_counter() - started
-    if any(r["JobState"] != "COMPLETED" for r in records):
-        logs = "\n".join(p.read_text()[-1500:] for p in out.parent.glob(f"{out.name}-*.log"))
-        sys.exit(f"array {job} did not complete: {records}\n{logs}")
-    starts = [datetime.fromisoformat(r["StartTime"]) for r in records]
-    ends = [datetime.fromisoformat(r["EndTime"]) for r in records]
-    span = (max(ends) - min(starts)).total_seconds()
     images = args.shards * args.per_shard
     return {
-        "tasks": len(records),
-        "task_s": [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)],
+        "tasks": len(task_s),
+        "task_s": task_s,
         "span_s": span,
         "wall_s": wall,
         "img_s": images / span,

@@ -35,8 +35,8 @@ def features_job(out: Path, real: Path, synthetic: Path, **overrides) -> Classif
     return ClassifyConfig(**{**settings, **overrides})
 
 
-def cache_files(out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    root = out / "features"
+def cache_files(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every cached shard's tensors under a feature cache root, by relative path."""
     return {str(p.relative_to(root)): load_file(p) for p in root.glob("*/*.safetensors")}
 
 
@@ -51,7 +51,7 @@ def test_array_tasks_and_ranks_share_the_pass_and_classify_reuses_it(
     demo_shards, synthetic, tmp_path
 ):
     whole_run = precompute_features(features_job(tmp_path / "one", demo_shards, synthetic), env={})
-    whole = cache_files(tmp_path / "one")
+    whole = cache_files(tmp_path / "one" / "features")
     # every scenario's shards once: the real train and test pools and both synthetic classes
     assert whole_run["shards"] == whole_run["of_shards"] == whole_run["computed"] == len(whole)
     assert len(whole) >= 8 and whole_run["not_planned"] == []
@@ -62,12 +62,12 @@ def test_array_tasks_and_ranks_share_the_pass_and_classify_reuses_it(
     for task in (0, 1):  # 2 array tasks, each of 2 torchrun ranks: 4 disjoint shares
         for rank in (0, 1):
             env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"}
-            before = set(cache_files(split)) if (split / "features").is_dir() else set()
+            before = set(cache_files(split / "features"))  # none yet: an empty glob
             done = precompute_features(job, env={**env, "RANK": str(rank), "WORLD_SIZE": "2"})
-            shares.append(set(cache_files(split)) - before)
+            shares.append(set(cache_files(split / "features")) - before)
             assert done["computed"] == done["shards"] == len(shares[-1]) > 0
     assert sum(len(s) for s in shares) == len(whole)
-    assert_same_cache(cache_files(split), whole)
+    assert_same_cache(cache_files(split / "features"), whole)
 
     # more array tasks than shards: the last tasks' blocks are empty, not the whole set
     surplus = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "100"}  # block [0, 0)
@@ -101,7 +101,8 @@ def test_torchrun_ranks_fill_the_one_process_cache(demo_shards, synthetic, tmp_p
         "features (rank 0 of 2",
         "features (rank 1 of 2",
     }, output[-3000:]
-    assert_same_cache(cache_files(tmp_path / "two"), cache_files(tmp_path / "one"))
+    two, one = (cache_files(tmp_path / name / "features") for name in ("two", "one"))
+    assert_same_cache(two, one)
 
 
 def test_features_only_without_a_cache_is_one_line(demo_shards, synthetic, tmp_path):

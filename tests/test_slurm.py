@@ -263,19 +263,15 @@ def test_submit_train_singan_then_generate_singan_after_it(slurm_cluster, demo_s
 def test_classify_feature_pass_array_fills_the_local_cache(slurm_cluster, demo_shards, tmp_path):
     """FEATURES_ONLY=1 slurm/classify.sh: 2 array tasks embed disjoint blocks of real-real's
     shards, and together make the cache one local process makes."""
-    from safetensors.torch import load_file
-
     from synthbreast.config import ClassifyConfig, save_config
     from synthbreast.eval.classify import precompute_features
+    from tests.test_features_split import cache_files
 
     def job(cache: Path) -> ClassifyConfig:
         return ClassifyConfig(
             out=str(tmp_path / "out"), real=str(demo_shards), scenario="real-real",
             weights="none", input_size="native", feature_cache=str(cache), features_only=True,
         )  # fmt: skip
-
-    def cache_files(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
-        return {str(p.relative_to(cache)): load_file(p) for p in cache.glob("*/*.safetensors")}
 
     save_config(job(tmp_path / "slurm-cache"), tmp_path / "classify.json")
     array = slurm_cluster.sbatch(
