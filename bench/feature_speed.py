@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from ceilings import machine_line  # noqa: E402  (bench/, beside this file)
-from generate_speed import RESULT, launch_ranks  # noqa: E402
+from generate_speed import RESULT, launch_ranks, print_scaling  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from synthbreast.config import ClassifyConfig, DemoDataConfig, IngestConfig, save_config  # noqa: E402
@@ -170,24 +170,7 @@ def main() -> None:
                 f"{r['wall_img_s']:7.1f} with start-up ({r['images']} images, {r['wall_s']:.1f} s)",
                 flush=True,
             )
-        one = next((r for r in results if r["processes"] == 1 and r["threads"] == [1]), None)
-        for r in results:
-            if one and r["processes"] > 1:
-                n = r["processes"]
-                print(
-                    f"scaling efficiency at {n} processes: "
-                    f"{r['pass_img_s'] / (n * one['pass_img_s']):.2f} in the pass, "
-                    f"{r['wall_img_s'] / (n * one['wall_img_s']):.2f} with start-up"
-                )
-        cores = os.cpu_count() or 1
-        per_core = next((r for r in results if r["processes"] == cores), None)
-        for r in results:
-            if per_core and r["processes"] > cores:
-                print(
-                    f"{r['processes']} processes on {cores} cores: "
-                    f"{r['pass_img_s'] / per_core['pass_img_s']:.2f} of the {cores}-process rate "
-                    "(the ceiling with one process per core)"
-                )
+        print_scaling(results, "in the pass")
         if args.slurm_tasks:
             if os.geteuid() != 0:
                 sys.exit("the local Slurm cluster runs as root: run as root or --slurm-tasks")

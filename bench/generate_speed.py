@@ -121,14 +121,40 @@ def launch(args: argparse.Namespace, setting: str, checkpoint: Path, out: Path) 
     problems = verify_shards(out, load_manifest(out))
     return {
         "processes": len(ranks),
-        "threads_per_process": sorted({r["threads"] for r in ranks}),
+        "threads": sorted({r["threads"] for r in ranks}),
         "images": images,
         # ranks start together; the slowest one decides when the job is done
-        "generate_img_s": images / max(r["seconds"] for r in ranks),
+        "pass_img_s": images / max(r["seconds"] for r in ranks),
         "wall_img_s": images / wall,
         "wall_s": wall,
         "verified": not problems,
     }
+
+
+def print_scaling(results: list[dict], doing: str) -> None:
+    """Print the scaling efficiency of each multi-process result (N one-thread processes
+    against N times one one-thread process) and, past one process per core, the fraction of
+    the one-per-core rate, which is the ceiling there. Each result has processes, threads
+    (the sorted thread counts of its ranks), pass_img_s (the rate of the work itself, named
+    by `doing`) and wall_img_s (start-up included)."""
+    one = next((r for r in results if r["processes"] == 1 and r["threads"] == [1]), None)
+    for r in results:
+        if one and r["processes"] > 1 and r["threads"] == [1]:
+            n = r["processes"]
+            print(
+                f"scaling efficiency at {n} processes: "
+                f"{r['pass_img_s'] / (n * one['pass_img_s']):.2f} {doing}, "
+                f"{r['wall_img_s'] / (n * one['wall_img_s']):.2f} with start-up"
+            )
+    cores = os.cpu_count() or 1
+    per_core = next((r for r in results if r["processes"] == cores), None)
+    for r in results:
+        if per_core and r["processes"] > cores:
+            print(
+                f"{r['processes']} processes on {cores} cores: "
+                f"{r['pass_img_s'] / per_core['pass_img_s']:.2f} of the {cores}-process rate "
+                "(the ceiling with one process per core)"
+            )
 
 
 def main() -> None:
@@ -150,8 +176,8 @@ def main() -> None:
             outs[setting] = out
             results.append(r)
             print(
-                f"{r['processes']} process(es) x {r['threads_per_process']} thread(s): "
-                f"{r['generate_img_s']:8.1f} img/s generating, {r['wall_img_s']:8.1f} img/s "
+                f"{r['processes']} process(es) x {r['threads']} thread(s): "
+                f"{r['pass_img_s']:8.1f} img/s generating, {r['wall_img_s']:8.1f} img/s "
                 f"with start-up ({r['images']} images in {r['wall_s']:.1f} s), "
                 f"verified={r['verified']}"
             )
@@ -163,26 +189,7 @@ def main() -> None:
             for b in outs.values()
         )
         print(f"shards identical across settings: {same}")
-        # scaling efficiency: N one-thread processes against N x one one-thread process
-        single = [r for r in results if r["processes"] == 1 and r["threads_per_process"] == [1]]
-        for r in results:
-            if single and r["processes"] > 1 and r["threads_per_process"] == [1]:
-                n, one = r["processes"], single[0]
-                print(
-                    f"scaling efficiency at {n} processes: "
-                    f"{r['generate_img_s'] / (n * one['generate_img_s']):.2f} generating, "
-                    f"{r['wall_img_s'] / (n * one['wall_img_s']):.2f} with start-up"
-                )
-        # more processes than cores: the ceiling is the rate at one process per core
-        cores = os.cpu_count() or 1
-        per_core = [r for r in results if r["processes"] == cores]
-        for r in results:
-            if per_core and r["processes"] > cores:
-                print(
-                    f"{r['processes']} processes on {cores} cores: "
-                    f"{r['generate_img_s'] / per_core[0]['generate_img_s']:.2f} of the "
-                    f"{cores}-process rate (the ceiling with one process per core)"
-                )
+        print_scaling(results, "generating")
 
 
 if __name__ == "__main__":
