@@ -3,7 +3,8 @@ stage as `synthbreast <command> --config FILE` through slurm/*.sh, `status` asks
 whether its outputs are complete.
 
     demo-data (with --demo) -> ingest -> gan (one conditional; or gan-class<c>, one per class)
-      -> generate-class<c> (one per class) -> gate -> classify (one task per scenario)
+      -> generate-class<c> (one per class) -> gate -> features (the classifier's feature
+      pass, an array over blocks of shards) -> classify (one task per scenario)
       -> fidelity (after the generate stages) -> report (afterany: it lists what failed)
 
 A `Stage` is one job of the chain: its name, its command, the config dataclass of that command
@@ -68,7 +69,7 @@ PIPELINE_BUDGETS: dict[str, PipelineBudget] = {
     "paper": PipelineBudget(
         demo_patients=20, demo_per_class=50, gan_budget="paper", gan_kimg=None, synth_shards=38,
         synth_per_shard=1000, classify_epochs=150, input_size="224", backbone="resnet18",
-        weights="imagenet", fidelity_extractors=(),
+        weights="imagenet", fidelity_extractors=(), feature_tasks=8,
     ),
 }  # fmt: skip
 
@@ -124,6 +125,8 @@ class StageKind:
     outputs: Callable[[Any], dict[Path, str]]  # {output folder: complete | missing | ...}
     # complete work is left out (not run, not submitted): a rerun would refuse or rewrite it
     done: Callable[[Any], bool] | None = None
+    # variables the script reads besides CONFIG (what its command line adds to the config)
+    env: Callable[[Any], dict[str, str]] = lambda config: {}
 
 
 # --- the plan ---------------------------------------------------------------------------
@@ -250,8 +253,15 @@ def plan(config: PipelineConfig) -> list[Stage]:
         weights_path=config.weights_path, input_size=budget.input_size,
         epochs=budget.classify_epochs, seed=config.seed,
     )  # fmt: skip
+    # the backbone features of every scenario's shards, each shard once, split over the
+    # array's tasks (in process: all here); the scenario tasks then find them cached, where
+    # each would otherwise embed the real test pool that three scenarios share
+    features = dataclasses.replace(classify, features_only=True)
     stages.append(
-        Stage("classify", "classify", classify, after=["gate"], array=len(scenario_names()))
+        Stage("features", "classify", features, after=["gate"], array=budget.feature_tasks)
+    )
+    stages.append(
+        Stage("classify", "classify", classify, after=["features"], array=len(scenario_names()))
     )
     fidelity = FidelityConfig(
         real=str(where["shards"]), synthetic=[str(where["synthetic"])],
@@ -433,9 +443,12 @@ def gate_outputs(config: GateConfig) -> dict[Path, str]:
 
 
 def run_classify_stage(stage: Stage, ctx: Context) -> str:
-    from synthbreast.eval.classify import run_classify
+    from synthbreast.eval.classify import precompute_features, run_classify
     from synthbreast.eval.scenarios import scenario_names
 
+    if stage.config.features_only:  # every task's block, here (whatever Slurm set)
+        done = precompute_features(stage.config, ctx.progress, ctx.log, env={})
+        return f"{done['shards']} shards: {done['computed']} embedded, {done['reused']} cached"
     for task in range(stage.array or 1):  # the array's tasks, one after the other
         ctx.log(f"scenario {scenario_names()[task]}")
         run_classify(dataclasses.replace(stage.config, task_id=task), ctx.progress, ctx.log)
@@ -443,9 +456,14 @@ def run_classify_stage(stage: Stage, ctx: Context) -> str:
 
 
 def classify_outputs(config: ClassifyConfig) -> dict[Path, str]:
+    from synthbreast.eval.classify import FEATURES
     from synthbreast.eval.scenarios import scenario_names
     from synthbreast.results import FAILED, METRICS
 
+    if config.features_only:  # one file per shard, named by its sha256 (FeatureCache)
+        root = Path(config.feature_cache or Path(config.out) / FEATURES)
+        cached = len(list(root.glob("*/*.safetensors")))
+        return {root: f"{cached} shards cached" if cached else "missing"}
     found = {}
     for name in scenario_names():
         run = Path(config.out) / name
@@ -546,7 +564,8 @@ STAGE_KINDS: dict[str, StageKind] = {
                   lambda c: {Path(c.out): _manifest_state(c.out)}),
         StageKind("gate", GateConfig, "run.sh", lambda s, ctx: run_gate(s.config), gate_outputs),
         StageKind("classify", ClassifyConfig, "classify.sh", run_classify_stage,
-                  classify_outputs),
+                  classify_outputs,
+                  env=lambda c: {"FEATURES_ONLY": "1"} if c.features_only else {}),
         StageKind("fidelity", FidelityConfig, "run.sh", run_fidelity_stage, fidelity_outputs),
         StageKind("report", ReportConfig, "report.sh", run_report_stage, report_outputs),
         # SinGAN (one model per image): `submit train-singan` / `submit generate-singan`

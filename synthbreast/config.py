@@ -318,6 +318,9 @@ class PipelineBudget:
     backbone: str
     weights: str
     fidelity_extractors: tuple[str, ...]  # () = fidelity's default extractors
+    # array tasks of the classifier's feature pass under Slurm (`submit all`): each embeds its
+    # block of the scenarios' shards once, before the scenario array reads them all
+    feature_tasks: int = 2
 
 
 @dataclass

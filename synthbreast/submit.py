@@ -172,7 +172,7 @@ def stage_job(stage, folder: Path, tasks: str | None = None, after: list[str] = 
     if stage.kind.script == "run.sh":  # any one command: its arguments, unchanged
         args = [stage.command, "--config", str(path)]
     else:
-        env = {"CONFIG": str(path)}
+        env = {**stage.kind.env(stage.config), "CONFIG": str(path)}
     if stage.array is not None and tasks is None:
         tasks = array_range(stage.array)
     return Job(

@@ -101,7 +101,9 @@ def test_submit_all_submits_the_stages_pipeline_runs_with_the_same_configs(tmp_p
     generation = ["gan", "generate-class0", "generate-class1"]
     if extra:  # each class's GAN, then its generation
         generation = ["gan-class0", "generate-class0", "gan-class1", "generate-class1"]
-    assert names == ["demo-data", "ingest", *generation, "gate", "classify", "fidelity", "report"]
+    assert names == [
+        "demo-data", "ingest", *generation, "gate", "features", "classify", "fidelity", "report"
+    ]  # fmt: skip
     # and the config each job reads is the one the pipeline runs that stage with
     assert configs == {stage.name: to_dict(stage.config) for stage in plan(config)}
 
@@ -196,6 +198,7 @@ def test_status_asks_every_stage_of_the_chain_for_its_outputs(tmp_path):
     shown = ok("status", out)
     rows = dict(re.findall(r"│ (\S+) +│ (.+?) +│", shown))
     expected = ["data", "shards", "gan/all", "synthetic/class0", "synthetic/class1",
-                *(f"classify/{s}" for s in scenario_names()), "fidelity", "report"]  # fmt: skip
+                "classify/features", *(f"classify/{s}" for s in scenario_names()), "fidelity",
+                "report"]  # fmt: skip
     assert {name: rows[name] for name in expected} == dict.fromkeys(expected, "missing")
     assert rows["synthetic/gate"] == "waiting for generate"

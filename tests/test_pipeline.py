@@ -15,8 +15,8 @@ from synthbreast.eval.scenarios import scenario_names
 
 # synthbreast/chain.py's stages, the jobs of `submit all` (tests/test_submit.py)
 STAGES = [
-    "demo-data", "ingest", "gan", "generate-class0", "generate-class1", "gate", "classify",
-    "fidelity", "report",
+    "demo-data", "ingest", "gan", "generate-class0", "generate-class1", "gate", "features",
+    "classify", "fidelity", "report",
 ]  # fmt: skip
 
 

@@ -31,13 +31,14 @@ CPU_ONLY = "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G"
 # the stages of synthbreast/chain.py, as `pipeline` runs them (tests/test_pipeline.py)
 CHAIN = [
     "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
-    "gate", "classify", "fidelity", "report",
+    "gate", "features", "classify", "fidelity", "report",
 ]  # fmt: skip
 # each job's parents, by name
 PARENTS = {
     "demo-data": [], "ingest": ["demo-data"], "gan": ["ingest"],
     "generate-class0": ["gan"], "generate-class1": ["gan"],
-    "gate": ["generate-class0", "generate-class1"], "classify": ["gate"],
+    "gate": ["generate-class0", "generate-class1"], "features": ["gate"],
+    "classify": ["features"],
     "fidelity": ["generate-class0", "generate-class1"], "report": ["classify", "fidelity"],
 }  # fmt: skip
 CHAIN_TIMEOUT = 600  # seconds for the whole tiny chain (about 3 minutes on 2 busy cores)
@@ -135,9 +136,26 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
             bad = {} if (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0") else record
         assert not bad, f"{job['name']}: {bad}\n{logs(out / 'logs')}"
 
+    # the feature array's tasks embedded disjoint blocks that make up every scenario's shards,
+    # so that no scenario task embedded any shard again
+    ids = {job["name"]: job["job_id"] for job in chain.jobs}
+    blocks = []
+    for path in sorted((out / "logs").glob(f"synthbreast-features-{ids['features']}_*.out")):
+        found = re.search(
+            r"features \(array task \d+, one process\): (\d+) of (\d+) shards", path.read_text()
+        )
+        assert found, path.read_text()[-2000:]
+        blocks.append((int(found[1]), int(found[2])))
+    assert len(blocks) == 2 and sum(b for b, _ in blocks) == blocks[0][1] == blocks[1][1]
+    assert all(b > 0 for b, _ in blocks), blocks
+    for path in (out / "logs").glob(f"synthbreast-classify-{ids['classify']}_*.out"):
+        computed = re.findall(
+            r"features: \d+ shards cached in .*, (\d+) to compute", path.read_text()
+        )
+        assert computed and set(computed) == {"0"}, path.read_text()[-2000:]
+
     # jobs.jsonl names each job's parents by id; no job (task) started before every parent
     # (task) had ended
-    ids = {job["name"]: job["job_id"] for job in chain.jobs}
     for job in chain.jobs:
         expected = [
             f"{ids[name]}_{task}" if task else ids[name]
@@ -171,6 +189,7 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
                "report"]  # fmt: skip
     for name in outputs + [f"classify/{s}" for s in scenario_names()]:
         assert re.search(rf"│ {re.escape(name)} +│ complete +│", shown), (name, shown)
+    assert re.search(r"│ classify/features +│ \d+ shards cached +│", shown), shown
     # the gate passed the sets on (a tiny GAN may collapse: --keep-going, as the pipeline test)
     assert re.search(r"│ synthetic/gate +│ (passed|collapsed, going on)", shown), shown
     assert "FAILED" not in shown and "rerun" not in shown
@@ -178,7 +197,11 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
     for job in chain.jobs:
         config = json.loads(Path(job["config"]).read_text())
         assert Path(job["config"]).parent == out / "configs", job
-        assert job["stage"] in job["command"] or job["env"] == {"CONFIG": job["config"]}, job
+        env = {
+            "CONFIG": job["config"],
+            **({"FEATURES_ONLY": "1"} if job["name"] == "features" else {}),
+        }
+        assert job["stage"] in job["command"] or job["env"] == env, job
         assert str(out) in json.dumps(config), job
 
 

@@ -53,15 +53,19 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     names = [name for _, name in jobs]
     assert names == [
         "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
-        "gate", "classify", "fidelity", "report",
+        "gate", "features", "classify", "fidelity", "report",
     ]  # fmt: skip
     lines = {name: line for line in script.splitlines() for _, name in jobs if f"-{name} " in line}
     # each job waits for its parents, by the shell variables that hold their ids
     assert "--dependency=afterok:'\"$DEMO_DATA_JOB\"'" in lines["ingest"]
     assert "--dependency=afterok:'\"$GAN_JOB\"'" in lines["generate-class1"]
     assert "$GENERATE_CLASS0_JOB" in lines["gate"] and "$GENERATE_CLASS1_JOB" in lines["gate"]
-    # the collapse gate stands between generation and classification, as in `pipeline`
-    assert "--dependency=afterok:'\"$GATE_JOB\"'" in lines["classify"]
+    # the collapse gate stands between generation and classification, as in `pipeline`; the
+    # feature pass (an array over blocks of shards, FEATURES_ONLY=1) fills the cache between
+    assert "--dependency=afterok:'\"$GATE_JOB\"'" in lines["features"]
+    assert "FEATURES_ONLY=1 " in lines["features"] and "--array=0-1 " in lines["features"]
+    assert "slurm/classify.sh" in lines["features"] and "FEATURES_ONLY" not in lines["classify"]
+    assert "--dependency=afterok:'\"$FEATURES_JOB\"'" in lines["classify"]
     assert "$GENERATE_CLASS0_JOB" not in lines["classify"]
     # fidelity needs the synthetic sets alone (it trains its own histology space), so it runs
     # beside the classifier array; the report waits for both
