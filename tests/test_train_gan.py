@@ -148,6 +148,10 @@ def test_bf16_mixed_precision_trains(demo_shards, tmp_path):
     stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(line["d_loss"])) for line in stats)
     assert json.loads((run_dir / "config.json").read_text())["mixed_precision"] == "bf16"
+    # warned where bf16 runs emulated (a CPU without AVX-512 or AMX), and only there
+    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    output = done.stdout.decode() + done.stderr.decode()
+    assert ("bf16 on a CPU without native bf16" in output) == emulated, output[-2000:]
 
 
 def test_cli_dry_run_applies_budget_then_flags(tmp_path):

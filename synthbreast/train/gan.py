@@ -494,6 +494,21 @@ def train_gan(config: TrainGANConfig, progress_print=print) -> Path:
         return _train_gan(config, progress_print)
 
 
+def bf16_warning(mixed_precision: str, device: torch.device) -> str | None:
+    """A warning when bf16 autocast would run emulated: on a CPU without AVX-512 (or AMX)
+    oneDNN has no bf16 kernels, and the `small` step ran 3.4 img/s in bf16 against 22.4 in
+    fp32 on an AVX2-only machine (bench/gan_budget_step.py --variants speed, 2026-12-03)."""
+    if mixed_precision != "bf16" or device.type != "cpu":
+        return None
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (
+        f"warning: --mixed-precision bf16 on a CPU without native bf16 "
+        f"({torch.backends.cpu.get_cpu_capability()}): emulated, several times slower than "
+        "fp32 (`--mixed-precision no`)"
+    )
+
+
 def _train_gan(config: TrainGANConfig, progress_print) -> Path:
     spec = validate(config)
     # cpu=True without a GPU: only then does accelerate take a torchrun launch as multi-CPU
@@ -506,6 +521,8 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
         raise UserError(f"--batch-size {config.batch_size} is not divisible by {world} processes")
     main = accelerator.is_main_process
     device = accelerator.device
+    if main and (warning := bf16_warning(config.mixed_precision, device)):
+        progress_print(warning)
 
     # Data: this rank's share of the pool's shards; the class groups of the real streams.
     shards = Path(config.shards)
