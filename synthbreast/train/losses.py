@@ -36,8 +36,13 @@ def requires_grad(module: nn.Module, flag: bool) -> None:
         param.requires_grad_(flag)
 
 
+def wide(x: Tensor) -> Tensor:
+    """x in at least fp32: half precision (autocast's bf16/fp16) is widened, float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def interpolate_scales(real_scales: Scales, fake_scales: Scales, alpha: Tensor) -> list[Tensor]:
-    """real + alpha * (fake - real) at every scale, in fp32, as leaves that record gradients.
+    """real + alpha * (fake - real) at every scale, in at least fp32, as leaves that record grads.
 
     `alpha` has shape (N,): one factor per sample, shared by all scales, so that the pyramid
     being scored is a single point on the line between a real pyramid and a fake one.
@@ -45,7 +50,7 @@ def interpolate_scales(real_scales: Scales, fake_scales: Scales, alpha: Tensor) 
     mixed = []
     for real, fake in zip(real_scales, fake_scales, strict=True):
         a = alpha.reshape(-1, *([1] * (real.dim() - 1)))
-        point = torch.lerp(real.detach().float(), fake.detach().float(), a)
+        point = torch.lerp(wide(real.detach()), wide(fake.detach()), a)
         mixed.append(point.requires_grad_(True))
     return mixed
 
@@ -84,8 +89,8 @@ def gradient_penalty(
     with precision:
         mixed = interpolate_scales(real_scales, fake_scales, alpha)
         scores = D(mixed)
-        grads = torch.autograd.grad(scores.float().sum(), mixed, create_graph=True)
-        flat = torch.cat([g.float().flatten(1) for g in grads], dim=1)
+        grads = torch.autograd.grad(wide(scores).sum(), mixed, create_graph=True)
+        flat = torch.cat([wide(g).flatten(1) for g in grads], dim=1)
         norms = torch.linalg.vector_norm(flat, dim=1)
         penalty = weight * (norms - 1.0).square().mean()
     return penalty, norms
@@ -107,8 +112,8 @@ def discriminator_loss(
     Wasserstein estimate cannot wander off. `with_penalty=False` leaves the penalty out (the
     steps between two penalty steps of a lazy schedule).
     """
-    real_scores = D(list(real_scales)).float()
-    fake_scores = D(list(fake_scales)).float()
+    real_scores = wide(D(list(real_scales)))
+    fake_scores = wide(D(list(fake_scales)))
     wasserstein = real_scores.mean() - fake_scores.mean()
     drift_term = drift * real_scores.square().mean()
     loss = -wasserstein + drift_term
@@ -126,7 +131,7 @@ def discriminator_loss(
 
 def generator_loss(D: ScoreFn, fake_scales: Scales) -> tuple[Tensor, dict[str, float]]:
     """-mean D(fake). Call `requires_grad(D, False)` before it, so D's weights get no grads."""
-    loss = -D(list(fake_scales)).float().mean()
+    loss = -wide(D(list(fake_scales))).mean()
     return loss, {"g_loss": loss.item()}
 
 
@@ -137,8 +142,8 @@ def r1_penalty(D: ScoreFn, real_scales: Scales) -> tuple[Tensor, Tensor]:
     """(||grad_x D(x)||^2 per sample over all scales, D(x)) on real pyramids, in fp32."""
     device = real_scales[0].device
     with torch.autocast(device.type, enabled=False):
-        leaves = [x.detach().float().requires_grad_(True) for x in real_scales]
-        scores = D(leaves).float()
+        leaves = [wide(x.detach()).requires_grad_(True) for x in real_scales]
+        scores = wide(D(leaves))
         grads = torch.autograd.grad(scores.sum(), leaves, create_graph=True)
         squared = sum(g.square().flatten(1).sum(1) for g in grads)
     return squared, scores
@@ -152,12 +157,12 @@ def logistic_discriminator_loss(
     `r1_now` is 0 on steps without the penalty and the lazy interval on steps with it, so the
     penalty's average weight is gamma / 2 (StyleGAN2's lazy regularisation).
     """
-    fake_scores = D(list(fake_scales)).float()
+    fake_scores = wide(D(list(fake_scales)))
     if r1_now:
         squared, real_scores = r1_penalty(D, real_scales)
         penalty = r1_now * (r1_gamma / 2) * squared.mean()
     else:
-        real_scores = D(list(real_scales)).float()
+        real_scores = wide(D(list(real_scales)))
         squared = penalty = torch.zeros((), device=real_scores.device)
     loss = F.softplus(fake_scores).mean() + F.softplus(-real_scores).mean() + penalty
     parts = torch.stack(
@@ -173,7 +178,7 @@ def logistic_discriminator_loss(
 
 def logistic_generator_loss(D: ScoreFn, fake_scales: Scales) -> tuple[Tensor, dict[str, float]]:
     """softplus(-D(fake)): the non-saturating generator loss."""
-    loss = F.softplus(-D(list(fake_scales)).float()).mean()
+    loss = F.softplus(-wide(D(list(fake_scales)))).mean()
     return loss, {"g_loss": loss.item()}
 
 
