@@ -456,12 +456,12 @@ def run_classify_stage(stage: Stage, ctx: Context) -> str:
 
 
 def classify_outputs(config: ClassifyConfig) -> dict[Path, str]:
-    from synthbreast.eval.classify import FEATURES
+    from synthbreast.eval.classify import feature_cache_root
     from synthbreast.eval.scenarios import scenario_names
     from synthbreast.results import FAILED, METRICS
 
     if config.features_only:  # one file per shard, named by its sha256 (FeatureCache)
-        root = Path(config.feature_cache or Path(config.out) / FEATURES)
+        root = feature_cache_root(config)
         cached = len(list(root.glob("*/*.safetensors")))
         return {root: f"{cached} shards cached" if cached else "missing"}
     found = {}

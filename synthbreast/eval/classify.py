@@ -761,13 +761,24 @@ def build_model(
     return model, imagenet, class_names, data_channels, channels
 
 
+def feature_cache_root(config: ClassifyConfig) -> Path:
+    """The folder of the job's feature caches: --feature-cache, else OUT/features."""
+    return Path(config.feature_cache or Path(config.out) / FEATURES)
+
+
 def feature_cache(
     config: ClassifyConfig, model: nn.Module, size: int | None, device: torch.device,
     progress=None, log: Log | None = None,
 ) -> FeatureCache:  # fmt: skip
-    root = Path(config.feature_cache or Path(config.out) / FEATURES)
     return FeatureCache(
-        root, model, config.backbone, size, device, config.feature_batch_size, progress, log
+        feature_cache_root(config),
+        model,
+        config.backbone,
+        size,
+        device,
+        config.feature_batch_size,
+        progress,
+        log,
     )
 
 
