@@ -1,6 +1,7 @@
-"""Time the classifier's feature pass (`classify --features-only`) at 1, 2 and 4 processes
-(torchrun) and as Slurm arrays of 1 and 2 tasks (slurm/classify.sh on the tests' local cluster,
-as root), on demo shards made in a temporary folder, and print the scaling efficiency.
+"""Time a feature pass, the classifier's (`classify --features-only`) or fidelity's (`fidelity
+--features-only`, `--command fidelity`), at 1, 2 and 4 processes (torchrun) and as Slurm arrays
+of 1 and 2 tasks (slurm/classify.sh or slurm/run.sh on the tests' local cluster, as root), on
+demo shards made in a temporary folder, and print the scaling efficiency.
 
 Each setting fills its own cache from nothing. Printed per setting: images/s of the pass
 itself (from each process's own timing after its backbone is built; the slowest process decides)
@@ -12,6 +13,8 @@ rate / (N x the 1-process, 1-thread rate). Checks that every setting's cache equ
     python bench/feature_speed.py                                   # ResNet18, 224 px
     python bench/feature_speed.py --settings 1:1 1:2 2 4 --slurm-tasks 1 2
     python bench/feature_speed.py --backbone efficientnet-lite0 --input-size 128 --slurm-tasks
+    python bench/feature_speed.py --command fidelity --extractors inception --patients 6 \
+        --per-class 20                          # every pool and a small synthetic set
 """
 
 from __future__ import annotations
@@ -31,14 +34,30 @@ from ceilings import machine_line  # noqa: E402  (bench/, beside this file)
 from generate_speed import RESULT, launch_ranks, print_scaling  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from synthbreast.config import ClassifyConfig, DemoDataConfig, IngestConfig, save_config  # noqa: E402
+from synthbreast.config import (  # noqa: E402
+    ClassifyConfig,
+    DemoDataConfig,
+    FidelityConfig,
+    IngestConfig,
+    save_config,
+)
 from synthbreast.data.demo import write_demo_dataset  # noqa: E402
 from synthbreast.data.ingest import run_ingest  # noqa: E402
-from synthbreast.eval.classify import precompute_features  # noqa: E402
+from synthbreast.eval import classify, fidelity  # noqa: E402
+
+# per command: its config, its feature pass, and the Slurm script that runs it as an array
+COMMANDS = {
+    "classify": (ClassifyConfig, classify.precompute_features, "classify.sh"),
+    "fidelity": (FidelityConfig, fidelity.precompute_features, "run.sh"),
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--command", choices=sorted(COMMANDS), default="classify")
+    parser.add_argument(
+        "--extractors", nargs="+", default=["inception"], help="fidelity's (--command fidelity)"
+    )
     parser.add_argument("--patients", type=int, default=12)
     parser.add_argument("--per-class", type=int, default=40, help="demo patches per class")
     parser.add_argument("--shard-size", type=int, default=40)
@@ -58,31 +77,48 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_job(root: Path, args: argparse.Namespace) -> Path:
-    """Demo shards and a classify config of the real-real scenario's feature pass."""
+    """Demo shards and the config of a feature pass: classify's of the real-real scenario, or
+    fidelity's of every pool compared and a small synthetic set (an untrained tiny G's)."""
     demo = root / "demo"
     write_demo_dataset(DemoDataConfig(str(demo), args.patients, args.per_class, seed=0))
     shards = root / "shards"
     run_ingest(IngestConfig(src=str(demo), out=str(shards), shard_size=args.shard_size))
-    config = ClassifyConfig(
-        out=str(root / "unused"), real=str(shards), scenario="real-real", backbone=args.backbone,
-        weights=args.weights, input_size=args.input_size, features_only=True, device="cpu",
-    )  # fmt: skip
-    save_config(config, root / "classify.json")
-    return root / "classify.json"
+    if args.command == "classify":
+        config = ClassifyConfig(
+            out=str(root / "unused"), real=str(shards), scenario="real-real",
+            backbone=args.backbone, weights=args.weights, input_size=args.input_size,
+            features_only=True, device="cpu",
+        )  # fmt: skip
+    else:
+        from tests.test_scenarios import make_synthetic
+
+        synthetic = make_synthetic(root / "synthetic-run")
+        config = FidelityConfig(
+            real=str(shards), synthetic=[str(synthetic)], out=str(root / "unused"),
+            extractors=args.extractors, features_only=True, device="cpu", workers=1,
+        )  # fmt: skip
+    save_config(config, root / "job.json")
+    return root / "job.json"
 
 
 def worker(args: argparse.Namespace) -> None:
     from synthbreast.config import load_config
 
-    summary = precompute_features(load_config(args.worker, ClassifyConfig))
+    kind, precompute, _ = COMMANDS[command_of(Path(args.worker))]
+    summary = precompute(load_config(args.worker, kind), env=os.environ)
     summary["threads"] = torch.get_num_threads()
     print(RESULT + json.dumps(summary), flush=True)
 
 
+def command_of(config: Path) -> str:
+    job = json.loads(config.read_text())["job"]
+    return next(name for name, (kind, _, _) in COMMANDS.items() if kind.__name__ == job)
+
+
 def job_for(config: Path, cache: Path) -> Path:
-    """The same job with its own cache folder."""
+    """The same job with its own cache folder (classify: the cache; fidelity: OUT/features)."""
     data = json.loads(config.read_text())
-    data["feature_cache"] = str(cache)
+    data["feature_cache" if command_of(config) == "classify" else "out"] = str(cache)
     path = cache.parent / f"{cache.name}.json"
     path.write_text(json.dumps(data))
     return path
@@ -115,11 +151,16 @@ def run_arrays(tasks_list: list[int], config: Path, root: Path) -> list[tuple[di
         cluster.start()
         for tasks in tasks_list:
             cache = root / f"slurm-{tasks}"
+            job_file = str(job_for(config, cache))
+            command = command_of(config)
+            script = COMMANDS[command][2]
+            # classify.sh takes the config from CONFIG; run.sh its command line
+            args = [] if command == "classify" else [command, "--config", job_file]
             job = cluster.sbatch(
                 f"--array=0-{tasks - 1}", "--gres=none", "--cpus-per-task=1", "--mem=4G",
-                f"--output={root}/slurm-{tasks}-%A_%a.log", str(REPO / "slurm" / "classify.sh"),
-                env={"CONFIG": str(job_for(config, cache)), "FEATURES_ONLY": "1",
-                     "OMP_NUM_THREADS": "1"},
+                f"--output={root}/slurm-{tasks}-%A_%a.log", str(REPO / "slurm" / script),
+                *args,
+                env={"CONFIG": job_file, "FEATURES_ONLY": "1", "OMP_NUM_THREADS": "1"},
                 cwd=root,
             )  # fmt: skip
             task_s, span = wait_array(cluster, job, root, f"slurm-{tasks}-*.log")
@@ -132,7 +173,8 @@ def run_arrays(tasks_list: list[int], config: Path, root: Path) -> list[tuple[di
 
 
 def cache_files(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {str(p.relative_to(cache)): load_file(p) for p in cache.glob("*/*.safetensors")}
+    """Every cached shard's tensors (classify: CACHE/*/; fidelity: OUT/features/*/)."""
+    return {str(p.relative_to(cache)): load_file(p) for p in cache.rglob("*.safetensors")}
 
 
 def cache_images(cache: Path) -> int:
@@ -154,10 +196,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="features-", dir="/tmp") as tmp:
         root = Path(tmp)
         config = make_job(root, args)
-        print(
-            f"feature pass: {args.backbone} (weights {args.weights}) at {args.input_size} px, "
-            f"real-real's shards of {args.patients} demo patients x 2 x {args.per_class}"
-        )
+        if args.command == "classify":
+            print(
+                f"classify feature pass: {args.backbone} (weights {args.weights}) at "
+                f"{args.input_size} px, real-real's shards of {args.patients} demo patients "
+                f"x 2 x {args.per_class}"
+            )
+        else:
+            print(
+                f"fidelity feature pass: {', '.join(args.extractors)} and the channel "
+                f"statistics, every pool of {args.patients} demo patients x 2 x "
+                f"{args.per_class} and 48 synthetic images"
+            )
         print(machine_line())
         results, caches = [], []
         for setting in args.settings:

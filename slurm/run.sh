@@ -1,8 +1,11 @@
 #!/bin/bash
 # Run one synthbreast command as a Slurm job: the single-step stages of the chain (ingest,
-# demo-data, fidelity) that need no array and no GPU of their own.
+# demo-data, fidelity) that need no GPU of their own, or an array over a command that splits
+# its work by SLURM_ARRAY_TASK_ID (fidelity --features-only).
 #
 #   sbatch slurm/run.sh ingest /data/idc /scratch/idc-shards --small-patches pad
+#   sbatch --array=0-7 slurm/run.sh fidelity --features-only --config fidelity.json
+#       (each array task embeds its block of fidelity's feature pass; then `fidelity`)
 #
 # `synthbreast submit all` uses it. Arguments are passed to `synthbreast` unchanged.
 #   SYNTHBREAST_IMAGE  an Apptainer image to run in; unset: the installed `synthbreast`

@@ -5,7 +5,8 @@ whether its outputs are complete.
     demo-data (with --demo) -> ingest -> gan (one conditional; or gan-class<c>, one per class)
       -> generate-class<c> (one per class) -> gate -> features (the classifier's feature
       pass, an array over blocks of shards) -> classify (one task per scenario)
-      -> fidelity (after the generate stages) -> report (afterany: it lists what failed)
+      -> fidelity-features (after the generate stages: fidelity's feature pass, an array too)
+      -> fidelity -> report (afterany: it lists what failed)
 
 A `Stage` is one job of the chain: its name, its command, the config dataclass of that command
 (synthbreast/config.py), the stages it waits for and its array size. What a command does with
@@ -269,8 +270,14 @@ def plan(config: PipelineConfig) -> list[Stage]:
         seed=config.seed,
     )  # fmt: skip
     # fidelity measures the synthetic sets alone (it trains its own histology space): under
-    # Slurm it runs beside the gate and the classifier array
-    stages.append(Stage("fidelity", "fidelity", fidelity, after=generated))
+    # Slurm it runs beside the gate and the classifier array, its feature pass (every
+    # extractor but histology, every pool it compares) split over an array first
+    fidelity_features = dataclasses.replace(fidelity, features_only=True)
+    stages.append(
+        Stage("fidelity-features", "fidelity", fidelity_features, after=generated,
+              array=budget.feature_tasks)
+    )  # fmt: skip
+    stages.append(Stage("fidelity", "fidelity", fidelity, after=["fidelity-features"]))
     report = ReportConfig(runs=str(Path(config.out).absolute()), out=str(where["report"]))
     stages.append(
         Stage("report", "report", report, after=["classify", "fidelity"], dependency="afterany")
@@ -455,15 +462,20 @@ def run_classify_stage(stage: Stage, ctx: Context) -> str:
     return "done"
 
 
+def cached_shards(root: Path) -> dict[Path, str]:
+    """A feature cache's state: classify's and fidelity's keep one file per shard (and
+    extractor), ROOT/<space>/<shard sha256>.safetensors."""
+    cached = len(list(root.glob("*/*.safetensors")))
+    return {root: f"{cached} shards cached" if cached else "missing"}
+
+
 def classify_outputs(config: ClassifyConfig) -> dict[Path, str]:
     from synthbreast.eval.classify import feature_cache_root
     from synthbreast.eval.scenarios import scenario_names
     from synthbreast.results import FAILED, METRICS
 
-    if config.features_only:  # one file per shard, named by its sha256 (FeatureCache)
-        root = feature_cache_root(config)
-        cached = len(list(root.glob("*/*.safetensors")))
-        return {root: f"{cached} shards cached" if cached else "missing"}
+    if config.features_only:
+        return cached_shards(feature_cache_root(config))
     found = {}
     for name in scenario_names():
         run = Path(config.out) / name
@@ -481,8 +493,11 @@ def classify_outputs(config: ClassifyConfig) -> dict[Path, str]:
 
 
 def run_fidelity_stage(stage: Stage, ctx: Context) -> str:
-    from synthbreast.eval.fidelity import run_fidelity
+    from synthbreast.eval.fidelity import precompute_features, run_fidelity
 
+    if stage.config.features_only:  # every task's block, here (whatever Slurm set)
+        done = precompute_features(stage.config, ctx.progress, ctx.log, env={})
+        return f"{done['items']} items: {done['computed']} embedded, {done['reused']} cached"
     return f"done: {run_fidelity(stage.config, progress=ctx.progress, log=ctx.log)}"
 
 
@@ -491,8 +506,11 @@ def file_state(folder: str, name: str) -> dict[Path, str]:
 
 
 def fidelity_outputs(config: FidelityConfig) -> dict[Path, str]:
+    from synthbreast.eval.fidelity import FEATURES_DIR
     from synthbreast.results import FIDELITY
 
+    if config.features_only:
+        return cached_shards(Path(config.out) / FEATURES_DIR)
     return file_state(config.out, FIDELITY)
 
 

@@ -1495,6 +1495,15 @@ def fidelity(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of KID subsets and plot samples.")] = 0,
     force: Annotated[bool, typer.Option(help="Redo when OUT/fidelity.json exists.")] = False,
+    features_only: Annotated[
+        bool,
+        typer.Option(
+            help="Only fill OUT/features with this process's share of the feature pass (a "
+            "torchrun rank's, a Slurm array task's block), then stop: run it as `torchrun "
+            "--nproc_per_node N -m synthbreast fidelity --features-only ...` or an array, then "
+            "fidelity as usual."
+        ),
+    ] = False,
     config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
@@ -1538,6 +1547,7 @@ def fidelity(
         device=device,
         seed=seed,
         force=force,
+        features_only=features_only,
     )
     required = ["real", "synthetic", "out"]
     config = job_config(ctx, config_file, config, required, aliases={"extractor": "extractors"})
@@ -1546,6 +1556,8 @@ def fidelity(
         return
     with progress_bar() as progress:
         path = run_fidelity(config, progress, log=print_tick)
+    if config.features_only:
+        return
     result = json.loads(path.read_text())
     table = Table(title=f"{path} (copies: share of synthetic images below --copy-threshold)")
     keys = ("fid", "kid_mean", "precision", "recall", "density", "coverage")

@@ -318,8 +318,9 @@ class PipelineBudget:
     backbone: str
     weights: str
     fidelity_extractors: tuple[str, ...]  # () = fidelity's default extractors
-    # array tasks of the classifier's feature pass under Slurm (`submit all`): each embeds its
-    # block of the scenarios' shards once, before the scenario array reads them all
+    # array tasks of each feature pass under Slurm (`submit all`), the classifier's and
+    # fidelity's: each task embeds its block of the shards once, before the stage that reads
+    # them all (the scenario array, the fidelity job)
     feature_tasks: int = 2
 
 
@@ -448,6 +449,7 @@ class FidelityConfig:
     device: str = run_only("auto")  # auto (cuda if present) | cpu | cuda | cuda:1 ...
     seed: int = 0  # KID subsets, plot subsamples
     force: bool = run_only(False)  # redo when OUT/fidelity.json exists
+    features_only: bool = run_only(False)  # this process's share of OUT/features, then stop
 
 
 @dataclass

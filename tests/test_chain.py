@@ -102,7 +102,8 @@ def test_submit_all_submits_the_stages_pipeline_runs_with_the_same_configs(tmp_p
     if extra:  # each class's GAN, then its generation
         generation = ["gan-class0", "generate-class0", "gan-class1", "generate-class1"]
     assert names == [
-        "demo-data", "ingest", *generation, "gate", "features", "classify", "fidelity", "report"
+        "demo-data", "ingest", *generation, "gate", "features", "classify", "fidelity-features",
+        "fidelity", "report",
     ]  # fmt: skip
     # and the config each job reads is the one the pipeline runs that stage with
     assert configs == {stage.name: to_dict(stage.config) for stage in plan(config)}

@@ -1,5 +1,6 @@
-"""`classify --features-only`: the frozen backbone's feature pass split over Slurm array tasks
-and torchrun ranks fills the same cache as one process does, and `classify` then reuses it."""
+"""`classify --features-only` and `fidelity --features-only`: the feature passes split over
+Slurm array tasks and torchrun ranks fill the same cache as one process does, and `classify`
+and `fidelity` then reuse it."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from synthbreast.cli import app
-from synthbreast.config import ClassifyConfig
+from synthbreast.config import ClassifyConfig, FidelityConfig
 from synthbreast.eval.classify import precompute_features, run_classify
+from synthbreast.eval.fidelity import precompute_features as precompute_fidelity_features
+from synthbreast.eval.fidelity import run_fidelity
 from tests.conftest import REPO
 from tests.test_scenarios import make_synthetic
 
@@ -114,3 +117,80 @@ def test_features_only_without_a_cache_is_one_line(demo_shards, synthetic, tmp_p
     assert result.exit_code == 2, result.output
     assert "--features-only fills the feature cache of a frozen backbone" in result.output
     assert "Traceback" not in result.output
+
+
+# --- fidelity's feature pass -------------------------------------------------------------------
+
+
+def fidelity_job(out: Path, real: Path, synthetic: Path, **overrides) -> FidelityConfig:
+    settings = dict(
+        out=str(out), real=str(real), synthetic=[str(synthetic)], workers=1, kid_subsets=10,
+        extractors=["pixels", "texture", "histology"], features_only=True,
+    )  # fmt: skip
+    return FidelityConfig(**{**settings, **overrides})
+
+
+def fidelity_cache(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return cache_files(out / "features")
+
+
+def test_fidelity_features_split_over_tasks_and_ranks_then_reused(demo_shards, synthetic, tmp_path):
+    whole_run = precompute_fidelity_features(
+        fidelity_job(tmp_path / "one", demo_shards, synthetic), env={}
+    )
+    whole = fidelity_cache(tmp_path / "one")
+    # per shard: pixels and texture of every pool compared (test, train, gan) and of the
+    # synthetic set, channels of the test pool and the synthetic set; histology left out
+    assert whole_run["extractors"] == ["channels", "pixels", "texture"]
+    assert whole_run["left_out"] == ["histology"]
+    assert whole_run["items"] == whole_run["of_items"] == whole_run["computed"] == len(whole)
+    assert {name.split("-")[0] for name in whole} == {"channels", "pixels", "texture"}
+
+    split = tmp_path / "split"
+    job = fidelity_job(split, demo_shards, synthetic)
+    shares = []
+    for task in (0, 1):  # 2 array tasks of 2 ranks each: 4 disjoint shares of one cache
+        for rank in (0, 1):
+            env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"}
+            before = set(fidelity_cache(split))
+            done = precompute_fidelity_features(
+                job, env={**env, "RANK": str(rank), "WORLD_SIZE": "2"}
+            )
+            shares.append(set(fidelity_cache(split)) - before)
+            assert done["computed"] == done["items"] == len(shares[-1]) > 0
+            # every share holds costly and cheap extractors alike (items shard by shard)
+            assert {name.split("-")[0] for name in shares[-1]} >= {"pixels", "texture"}
+    assert sum(len(s) for s in shares) == len(whole)
+    assert_same_cache(fidelity_cache(split), whole)
+
+    # the fidelity run itself embeds nothing the split did (histology's features it makes)
+    stamps = {p: p.stat().st_mtime_ns for p in (split / "features").glob("*/*.safetensors")}
+    result = run_fidelity(dataclasses.replace(job, features_only=False))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    made = set(fidelity_cache(split)) - set(whole)
+    assert made and {name.split("-")[0] for name in made} == {"histology"}
+    assert set(json.loads(result.read_text())["extractors"]) == {"pixels", "texture", "histology"}
+
+
+def test_fidelity_features_under_torchrun_equal_one_process(demo_shards, synthetic, tmp_path):
+    job = fidelity_job(tmp_path / "one", demo_shards, synthetic, extractors=["pixels"])
+    precompute_fidelity_features(job, env={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD"))}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "synthbreast", "fidelity", "--features-only", "--out", str(tmp_path / "two"),
+        "--real", str(demo_shards), "--synthetic", str(synthetic), "--extractor", "pixels",
+        "--workers", "1",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("fidelity features (rank")]
+    assert sorted(line.split(")")[0] for line in lines) == [
+        "fidelity features (rank 0 of 2",
+        "fidelity features (rank 1 of 2",
+    ], output[-3000:]
+    assert_same_cache(fidelity_cache(tmp_path / "two"), fidelity_cache(tmp_path / "one"))

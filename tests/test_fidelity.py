@@ -226,25 +226,29 @@ def test_classifier_extractor_gives_the_runs_avgpool_features(demo_shards, tmp_p
         build_extractor("classifier", ExtractorOptions(classifier_run=str(tmp_path)))
 
 
-def test_features_are_cached_per_manifest_and_settings(demo_shards, tmp_path):
+def test_features_are_cached_per_shard_and_settings(demo_shards, tmp_path):
     source = real_source(demo_shards, "test")
     device = torch.device("cpu")
-    first = cached_features(source, pixels_extractor(16), tmp_path, device, workers=0)
-    files = list(tmp_path.glob("pixels-test-*.safetensors"))
-    assert len(files) == 1 and first.features.shape == (source.images, 768)
+    first = cached_features(source, pixels_extractor(16), tmp_path, device, workers=2)
+    files = sorted(tmp_path.glob("pixels-*/*.safetensors"))
+    # one file per shard, named by its sha256; features in manifest order, then tar order
+    assert sorted(f.stem for f in files) == sorted(source.shard_sha256)
+    assert first.features.shape == (source.images, 768)
     assert first.features.min() >= 0 and first.features.max() <= 1
-    stamp = files[0].stat().st_mtime_ns
+    in_order = [s["key"] for s in shard_dataset(demo_shards, "test")]  # no workers: in order
+    assert first.keys == in_order
+    stamps = {f: f.stat().st_mtime_ns for f in files}
     again = cached_features(source, pixels_extractor(16), tmp_path, device, workers=0)
-    assert files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps  # read, not rewritten
     assert np.array_equal(again.features, first.features) and again.keys == first.keys
     other = cached_features(source, pixels_extractor(8), tmp_path, device, workers=0)
     assert other.features.shape[1] == 192
-    assert len(list(tmp_path.glob("pixels-test-*.safetensors"))) == 2
-    files[0].write_bytes(b"damaged")  # a damaged cache is recomputed
-    assert np.array_equal(
-        cached_features(source, pixels_extractor(16), tmp_path, device, workers=0).features,
-        first.features,
-    )
+    assert len(list(tmp_path.glob("pixels-*"))) == 2  # one folder per settings
+    files[0].write_bytes(b"damaged")  # a damaged shard is recomputed, the others read
+    files[1].unlink()  # a missing one too
+    redone = cached_features(source, pixels_extractor(16), tmp_path, device, workers=0)
+    assert np.array_equal(redone.features, first.features)
+    assert {f: f.stat().st_mtime_ns for f in files[2:]} == {f: stamps[f] for f in files[2:]}
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -301,7 +305,7 @@ def test_fidelity_command_end_to_end(demo_shards, tmp_path, monkeypatch):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 100
     assert report["pca_png"] == pixels["pca_png"]
-    assert list((out / "features").glob("pixels-*.safetensors"))
+    assert list((out / "features").glob("pixels-*/*.safetensors"))
 
     # complete: skipped; other settings: refused; --force: redone
     stamp = os.stat(out / "fidelity.json").st_mtime_ns

@@ -16,7 +16,7 @@ from synthbreast.eval.scenarios import scenario_names
 # synthbreast/chain.py's stages, the jobs of `submit all` (tests/test_submit.py)
 STAGES = [
     "demo-data", "ingest", "gan", "generate-class0", "generate-class1", "gate", "features",
-    "classify", "fidelity", "report",
+    "classify", "fidelity-features", "fidelity", "report",
 ]  # fmt: skip
 
 

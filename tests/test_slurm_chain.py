@@ -31,7 +31,7 @@ CPU_ONLY = "--gpus-per-node=0 --gres=none --cpus-per-task=1 --mem=2G"
 # the stages of synthbreast/chain.py, as `pipeline` runs them (tests/test_pipeline.py)
 CHAIN = [
     "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
-    "gate", "features", "classify", "fidelity", "report",
+    "gate", "features", "classify", "fidelity-features", "fidelity", "report",
 ]  # fmt: skip
 # each job's parents, by name
 PARENTS = {
@@ -39,7 +39,8 @@ PARENTS = {
     "generate-class0": ["gan"], "generate-class1": ["gan"],
     "gate": ["generate-class0", "generate-class1"], "features": ["gate"],
     "classify": ["features"],
-    "fidelity": ["generate-class0", "generate-class1"], "report": ["classify", "fidelity"],
+    "fidelity-features": ["generate-class0", "generate-class1"],
+    "fidelity": ["fidelity-features"], "report": ["classify", "fidelity"],
 }  # fmt: skip
 CHAIN_TIMEOUT = 600  # seconds for the whole tiny chain (about 3 minutes on 2 busy cores)
 
@@ -153,6 +154,18 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
             r"features: \d+ shards cached in .*, (\d+) to compute", path.read_text()
         )
         assert computed and set(computed) == {"0"}, path.read_text()[-2000:]
+    # and fidelity's feature array the same, in (shard, extractor) items
+    blocks = []
+    logs_of = f"synthbreast-fidelity-features-{ids['fidelity-features']}_*.out"
+    for path in sorted((out / "logs").glob(logs_of)):
+        found = re.search(
+            r"fidelity features \(array task \d+, one process\): (\d+) of (\d+) \(shard",
+            path.read_text(),
+        )
+        assert found, path.read_text()[-2000:]
+        blocks.append((int(found[1]), int(found[2])))
+    assert len(blocks) == 2 and sum(b for b, _ in blocks) == blocks[0][1] == blocks[1][1]
+    assert all(b > 0 for b, _ in blocks), blocks
 
     # jobs.jsonl names each job's parents by id; no job (task) started before every parent
     # (task) had ended
@@ -190,6 +203,7 @@ def test_submit_all_runs_every_job_after_its_parents_and_reports_every_scenario(
     for name in outputs + [f"classify/{s}" for s in scenario_names()]:
         assert re.search(rf"│ {re.escape(name)} +│ complete +│", shown), (name, shown)
     assert re.search(r"│ classify/features +│ \d+ shards cached +│", shown), shown
+    assert re.search(r"│ fidelity/features +│ \d+ shards cached +│", shown), shown
     # the gate passed the sets on (a tiny GAN may collapse: --keep-going, as the pipeline test)
     assert re.search(r"│ synthetic/gate +│ (passed|collapsed, going on)", shown), shown
     assert "FAILED" not in shown and "rerun" not in shown

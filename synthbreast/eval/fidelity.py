@@ -23,8 +23,9 @@ shards, writing fidelity.json) is at the end.
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from synthbreast.eval.features import (
     cached_features,
     channels_extractor,
     concatenate,
+    features_share,
     load_images,
     real_source,
     synthetic_sources,
@@ -598,7 +600,11 @@ def run_fidelity(
     config: FidelityConfig, progress=None, log: Callable[[str], None] | None = None
 ) -> Path:
     """Compute every metric per extractor; write OUT/fidelity.json (last) and the PNGs.
-    Returns the path of fidelity.json. Skipped when it exists for the same settings."""
+    Returns the path of fidelity.json. Skipped when it exists for the same settings.
+    `features_only`: this process's share of the feature pass only (`precompute_features`)."""
+    if config.features_only:
+        precompute_features(config, progress, log)
+        return Path(config.out) / FEATURES_DIR
     started = time.perf_counter()
     say = log or (lambda text: None)
     validate(config)
@@ -790,3 +796,92 @@ def run_fidelity(
     result["created_by"] = f"synthbreast {__version__}"
     atomic_write_json(result_path, result)
     return result_path
+
+
+# --- the feature pass over processes and array tasks ------------------------------------------
+
+
+def precompute_features(
+    config: FidelityConfig,
+    progress=None,
+    log: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """`fidelity --features-only`: this process's share of the features a fidelity run reads
+    (every extractor, every pool it compares), into OUT/features, then stop; `fidelity` then
+    finds them cached. Split as `generate` splits its shards: a Slurm array task takes its
+    contiguous block of the (shard, extractor) items, torchrun's ranks every WORLD_SIZE-th of
+    it. Items are listed shard by shard, all extractors of a shard together, so every block
+    holds the same mix of cheap and costly extractors. Processes never talk: each writes its
+    own shards' cache files, atomically. The histology space is trained, and its features
+    computed, by the fidelity run itself (a small CNN at the patches' size: its pass is cheap).
+    Returns what this process did."""
+    from synthbreast.generate import process_rank, slurm_block
+
+    started = time.perf_counter()
+    env = os.environ if env is None else env
+    say = log or (lambda text: None)
+    validate(config)
+    config = with_resolved_paths(config, "real", "synthetic", "classifier_run")
+    names, _ = resolve_extractors(config)
+    left_out = [name for name in names if name == "histology"]
+    names = [name for name in names if name != "histology"]
+    pools = load_manifest(Path(config.real))["pools"]
+    others = [config.floor_pool, config.train_pool, config.heldout_pool]  # each when there
+    real = [real_source(config.real, config.real_pool)]  # an unknown --real-pool stops here
+    real += [real_source(config.real, p) for p in dict.fromkeys(others) if p in pools]
+    real = list({source.pool: source for source in real}.values())
+    synthetic = synthetic_sources(config.synthetic)
+    sources = real + synthetic
+    options = ExtractorOptions(config.pixels_side, config.weights_path, config.classifier_run)
+    extractors = [build_extractor(name, options) for name in names]
+    channels = channels_extractor()  # the histograms: the compared real pool and synthetic
+    with_channels = {0, *range(len(real), len(sources))}
+    items = []  # (extractor index, source index, shard index); channels is index -1
+    for s, source in enumerate(sources):
+        for i in range(len(source.shards)):
+            items += [(e, s, i) for e in range(len(extractors))]
+            if s in with_channels:
+                items.append((-1, s, i))
+    block = slurm_block(len(items), env)  # an empty block (more tasks than items): none
+    if block is None:
+        block = range(len(items))
+    rank, world = process_rank(env)
+    mine = [items[k] for k in list(block)[rank::world]]
+    device = choose_device(config.device)
+    cache_dir = Path(config.out) / FEATURES_DIR
+    computed = reused = images = 0
+    computing = time.perf_counter()
+    for e, extractor in [(-1, channels), *enumerate(extractors)]:
+        shards = [(s, i) for f, s, i in mine if f == e]
+        if shards:
+            done, found = features_share(
+                sources, extractor, cache_dir, device, shards, config.batch_size,
+                config.workers, progress,
+            )  # fmt: skip
+            computed, reused = computed + done, reused + found
+            images += sum(sources[s].shard_images[i] for s, i in shards)
+    summary = {
+        "rank": rank,
+        "world": world,
+        "items": len(mine),
+        "of_items": len(items),
+        "images": images,  # images embedded or found, counted once per extractor
+        "computed": computed,
+        "reused": reused,
+        "seconds": round(time.perf_counter() - started, 3),
+        "compute_seconds": round(time.perf_counter() - computing, 3),
+        "cache": str(cache_dir),
+        "extractors": ["channels", *names],
+        "left_out": left_out,
+    }
+    where = f"rank {rank} of {world}" if world > 1 else "one process"
+    if "SLURM_ARRAY_TASK_ID" in env:
+        where = f"array task {env['SLURM_ARRAY_TASK_ID']}, {where}"
+    say(
+        f"fidelity features ({where}): {len(mine)} of {len(items)} (shard, extractor) items, "
+        f"{computed} computed, {reused} already cached, {summary['seconds']:.1f} s -> {cache_dir}"
+    )
+    if left_out:
+        say("fidelity features: histology is trained and embedded by the fidelity run itself")
+    return summary
