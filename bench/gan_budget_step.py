@@ -10,9 +10,10 @@ worker fork) is left out.
         [--variants choices|speed]
 
 `choices` (default): the model, loss and augmentation one at a time. `speed`: the budget's
-default against its layout and penalty before (NCHW, the penalty every step: the `small` step
-issue 16 started from) and the options that change its arithmetic per image (a larger batch,
-bf16 autocast), to see which buy more kimg in the same minutes.
+default against its layout, penalty and optimizer before (NCHW, the penalty every step,
+torch's CPU default Adam: the `small` step issue 16 started from) and the options that change
+its arithmetic per image (a larger batch, bf16 autocast), to see which buy more kimg in the
+same minutes.
 
 SHARDS: an ingest output (e.g. `synthbreast demo-data d && synthbreast ingest d SHARDS`).
 """
@@ -46,15 +47,21 @@ VARIANTS = [
                                                augment="diffaug")),
     ("budget default", dict(model="msggan-cond")),
 ]  # fmt: skip
-# The budget's default G and D, with one option changed at a time. "layout" is not a config
-# field: train-gan always runs channels_last (gan.TRAIN_LAYOUT); the bench sets NCHW to time it.
+# The budget's default G and D, with one option changed at a time. "layout" and "adam" are
+# not config fields: train-gan always runs channels_last (gan.TRAIN_LAYOUT) and torch's fused
+# Adam (gan.OPTIMIZERS); the bench sets NCHW and torch's CPU default Adam (a Python loop over
+# the tensors) to time them.
 NCHW = torch.contiguous_format
+LOOP_ADAM = lambda params, lr: torch.optim.Adam(  # noqa: E731
+    params, lr=lr, betas=(0.0, 0.99), eps=1e-8, foreach=False
+)
 SPEED_VARIANTS = [
-    ("budget default (channels_last)", dict(model="msggan-cond")),
+    ("budget default (channels_last, fused Adam)", dict(model="msggan-cond")),
+    ("Adam as a Python loop (torch's CPU default)", dict(model="msggan-cond", adam=LOOP_ADAM)),
     ("NCHW layout", dict(model="msggan-cond", layout=NCHW)),
     ("gp every step", dict(model="msggan-cond", gp_interval=1)),
-    ("NCHW + gp every step (issue 16's base)", dict(model="msggan-cond", gp_interval=1,
-                                                    layout=NCHW)),
+    ("NCHW + gp every step + loop Adam (issue 16's base)",
+     dict(model="msggan-cond", gp_interval=1, layout=NCHW, adam=LOOP_ADAM)),
     ("batch 16", dict(model="msggan-cond", batch_size=16)),
     ("bf16 autocast", dict(model="msggan-cond", mixed_precision="bf16")),
 ]  # fmt: skip
@@ -63,16 +70,18 @@ SPEED_VARIANTS = [
 def img_per_s(shards: Path, budget: str, kimg: float, overrides: dict, outdir: Path) -> float:
     overrides = dict(overrides)
     layout = overrides.pop("layout", torch.channels_last)
+    adam = overrides.pop("adam", gan.OPTIMIZERS["adam"])
     config = apply_budget(TrainGANConfig(shards=str(shards), outdir=str(outdir)), budget)
     config = replace(config, kimg=kimg, tick_kimg=kimg / 5, snapshot_kimg=kimg,
                      checkpoint_kimg=kimg, metric_images=0, **overrides)  # fmt: skip
     # accelerate keeps one state per process: a variant with another precision needs it anew
     AcceleratorState._reset_state(reset_partial_state=True)
-    gan.TRAIN_LAYOUT = layout
+    defaults = gan.TRAIN_LAYOUT, gan.OPTIMIZERS["adam"]
+    gan.TRAIN_LAYOUT, gan.OPTIMIZERS["adam"] = layout, adam
     try:
         run = train_gan(config, progress_print=lambda _: None)
     finally:
-        gan.TRAIN_LAYOUT = torch.channels_last
+        gan.TRAIN_LAYOUT, gan.OPTIMIZERS["adam"] = defaults
     ticks = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     return statistics.mean(t["img_per_s"] for t in ticks[1:])
 

@@ -142,12 +142,9 @@ def parse_shard_range(text: str, total: int) -> range:
     return range(start, end)
 
 
-def slurm_block(total: int, env: Mapping[str, str]) -> range | None:
-    """This array task's contiguous block of the shards, or None outside a Slurm job array.
-
-    Task k of K (k counted from SLURM_ARRAY_TASK_MIN in steps of SLURM_ARRAY_TASK_STEP) gets
-    shards [total*k//K, total*(k+1)//K): the blocks cover every shard once whatever K is.
-    """
+def slurm_task(env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(index, count) of this Slurm array task, or None outside a job array: task k of K
+    counted from SLURM_ARRAY_TASK_MIN in steps of SLURM_ARRAY_TASK_STEP."""
     if "SLURM_ARRAY_TASK_ID" not in env:
         return None
     try:
@@ -166,6 +163,19 @@ def slurm_block(total: int, env: Mapping[str, str]) -> range | None:
             f"array task {task} is not in a contiguous array of {count} tasks from {first} "
             "(use --array=0-N, optionally %P), or pass --shard-range"
         )
+    return index, count
+
+
+def slurm_block(total: int, env: Mapping[str, str]) -> range | None:
+    """This array task's contiguous block of the shards, or None outside a Slurm job array.
+
+    Task k of K gets shards [total*k//K, total*(k+1)//K): the blocks cover every shard once
+    whatever K is.
+    """
+    found = slurm_task(env)
+    if found is None:
+        return None
+    index, count = found
     return range(total * index // count, total * (index + 1) // count)
 
 

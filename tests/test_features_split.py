@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from synthbreast.cli import app
 from synthbreast.config import ClassifyConfig, FidelityConfig
 from synthbreast.eval.classify import precompute_features, run_classify
+from synthbreast.eval.fidelity import balanced_share, run_fidelity
 from synthbreast.eval.fidelity import precompute_features as precompute_fidelity_features
-from synthbreast.eval.fidelity import run_fidelity
 from tests.conftest import REPO
 from tests.test_scenarios import make_synthetic
 
@@ -158,7 +158,7 @@ def test_fidelity_features_split_over_tasks_and_ranks_then_reused(demo_shards, s
             )
             shares.append(set(fidelity_cache(split)) - before)
             assert done["computed"] == done["items"] == len(shares[-1]) > 0
-            # every share holds costly and cheap extractors alike (items shard by shard)
+            # every share holds each extractor's items alike (balanced_share)
             assert {name.split("-")[0] for name in shares[-1]} >= {"pixels", "texture"}
     assert sum(len(s) for s in shares) == len(whole)
     assert_same_cache(fidelity_cache(split), whole)
@@ -194,3 +194,20 @@ def test_fidelity_features_under_torchrun_equal_one_process(demo_shards, synthet
         "fidelity features (rank 1 of 2",
     ], output[-3000:]
     assert_same_cache(fidelity_cache(tmp_path / "two"), fidelity_cache(tmp_path / "one"))
+
+
+def test_balanced_share_deals_each_extractor_evenly_and_covers_every_item():
+    # an extractor that costs much (kind 0) alternating with a cheap one (kind 1), shards of
+    # 40 and 12 images: a rank::world split would give rank 0 every kind-0 item
+    weights = [40, 40, 40, 40, 12, 12, 12, 12, 40, 40] * 2
+    kinds = [0, 1] * 10
+    for workers in (1, 2, 3, 4, 7):
+        shares = [balanced_share(weights, kinds, w, workers) for w in range(workers)]
+        assert sorted(k for share in shares for k in share) == list(range(len(weights)))
+        for kind in (0, 1):
+            loads = [sum(weights[k] for k in share if kinds[k] == kind) for share in shares]
+            assert max(loads) - min(loads) <= 40, (workers, kind, loads)  # one shard at most
+    two = [balanced_share(weights, kinds, w, 2) for w in range(2)]
+    costly = [sum(weights[k] for k in share if kinds[k] == 0) for share in two]
+    half = sum(w for w, k in zip(weights, kinds, strict=True) if k == 0) // 2
+    assert costly == [half, half]

@@ -801,6 +801,24 @@ def run_fidelity(
 # --- the feature pass over processes and array tasks ------------------------------------------
 
 
+def balanced_share(weights: Sequence[int], kinds: Sequence[int], worker: int, workers: int):
+    """The items (indices) that process `worker` of `workers` takes: each kind's items (one
+    kind per extractor) dealt, heaviest first, to the process with the least of that kind's
+    weight (images) so far, ties to the next process in turn. Every process computes the same
+    deal from the same list, so the shares are disjoint and cover every item, without talking.
+    A plain rank::world split of a list where a costly and a cheap extractor alternate gave
+    one process every costly item (0.75 scaling at 2 processes, bench/feature_speed.py)."""
+    owner = {}
+    for turn, kind in enumerate(dict.fromkeys(kinds)):
+        load = [0] * workers
+        ours = [k for k in range(len(weights)) if kinds[k] == kind]
+        for k in sorted(ours, key=lambda k: (-weights[k], k)):
+            w = min(range(workers), key=lambda j: (load[j], (j - turn) % workers))
+            owner[k] = w
+            load[w] += weights[k]
+    return [k for k in range(len(weights)) if owner[k] == worker]
+
+
 def precompute_features(
     config: FidelityConfig,
     progress=None,
@@ -809,14 +827,14 @@ def precompute_features(
 ) -> dict[str, Any]:
     """`fidelity --features-only`: this process's share of the features a fidelity run reads
     (every extractor, every pool it compares), into OUT/features, then stop; `fidelity` then
-    finds them cached. Split as `generate` splits its shards: a Slurm array task takes its
-    contiguous block of the (shard, extractor) items, torchrun's ranks every WORLD_SIZE-th of
-    it. Items are listed shard by shard, all extractors of a shard together, so every block
-    holds the same mix of cheap and costly extractors. Processes never talk: each writes its
+    finds them cached. The (shard, extractor) items are shared among the array's tasks x
+    torchrun's ranks (`balanced_share`): each process takes the same share of every
+    extractor's images, so none waits on another that drew the costly ones. Processes never
+    talk: each writes its
     own shards' cache files, atomically. The histology space is trained, and its features
     computed, by the fidelity run itself (a small CNN at the patches' size: its pass is cheap).
     Returns what this process did."""
-    from synthbreast.generate import process_rank, slurm_block
+    from synthbreast.generate import process_rank, slurm_task
 
     started = time.perf_counter()
     env = os.environ if env is None else env
@@ -843,11 +861,12 @@ def precompute_features(
             items += [(e, s, i) for e in range(len(extractors))]
             if s in with_channels:
                 items.append((-1, s, i))
-    block = slurm_block(len(items), env)  # an empty block (more tasks than items): none
-    if block is None:
-        block = range(len(items))
     rank, world = process_rank(env)
-    mine = [items[k] for k in list(block)[rank::world]]
+    task, tasks = slurm_task(env) or (0, 1)
+    weights = [sources[s].shard_images[i] for _, s, i in items]
+    kinds = [e for e, _, _ in items]
+    chosen = balanced_share(weights, kinds, task * world + rank, tasks * world)
+    mine = [items[k] for k in chosen]
     device = choose_device(config.device)
     cache_dir = Path(config.out) / FEATURES_DIR
     computed = reused = images = 0
