@@ -194,6 +194,15 @@ def process_rank(env: Mapping[str, str]) -> tuple[int, int]:
     return rank, world
 
 
+def process_label(env: Mapping[str, str]) -> str:
+    """Which process this is, for log lines: 'array task 3, rank 1 of 2', 'one process'."""
+    rank, world = process_rank(env)
+    where = f"rank {rank} of {world}" if world > 1 else "one process"
+    if "SLURM_ARRAY_TASK_ID" in env:
+        where = f"array task {env['SLURM_ARRAY_TASK_ID']}, {where}"
+    return where
+
+
 def shards_for_process(config: GenerateConfig, env: Mapping[str, str]) -> list[int]:
     """The shard indices this process makes: its range or array block, split by rank."""
     if config.shard_range is not None:

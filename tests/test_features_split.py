@@ -50,6 +50,23 @@ def assert_same_cache(found: dict, expected: dict) -> None:
         assert torch.equal(found[name]["labels"], tensors["labels"])
 
 
+def two_ranks(*args: str) -> str:
+    """`synthbreast ARGS` under torchrun with 2 ranks of 1 thread (outside any Slurm job);
+    its output, after checking it succeeded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD"))}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "synthbreast", *args,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    return output
+
+
 def test_array_tasks_and_ranks_share_the_pass_and_classify_reuses_it(
     demo_shards, synthetic, tmp_path
 ):
@@ -86,19 +103,10 @@ def test_array_tasks_and_ranks_share_the_pass_and_classify_reuses_it(
 
 def test_torchrun_ranks_fill_the_one_process_cache(demo_shards, synthetic, tmp_path):
     precompute_features(features_job(tmp_path / "one", demo_shards, synthetic), env={})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD"))}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "synthbreast", "classify", "--features-only", "--out", str(tmp_path / "two"),
-        "--real", str(demo_shards), "--synthetic", str(synthetic), "--weights", "none",
-        "--input-size", "native",
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
-        timeout=300,
+    output = two_ranks(
+        "classify", "--features-only", "--out", str(tmp_path / "two"), "--real", str(demo_shards),
+        "--synthetic", str(synthetic), "--weights", "none", "--input-size", "native",
     )  # fmt: skip
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
     lines = [line for line in output.splitlines() if line.startswith("features (rank")]
     assert len(lines) == 2 and {line.split(")")[0] for line in lines} == {
         "features (rank 0 of 2",
@@ -175,19 +183,10 @@ def test_fidelity_features_split_over_tasks_and_ranks_then_reused(demo_shards, s
 def test_fidelity_features_under_torchrun_equal_one_process(demo_shards, synthetic, tmp_path):
     job = fidelity_job(tmp_path / "one", demo_shards, synthetic, extractors=["pixels"])
     precompute_fidelity_features(job, env={})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD"))}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "synthbreast", "fidelity", "--features-only", "--out", str(tmp_path / "two"),
-        "--real", str(demo_shards), "--synthetic", str(synthetic), "--extractor", "pixels",
-        "--workers", "1",
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
-        timeout=300,
+    output = two_ranks(
+        "fidelity", "--features-only", "--out", str(tmp_path / "two"), "--real", str(demo_shards),
+        "--synthetic", str(synthetic), "--extractor", "pixels", "--workers", "1",
     )  # fmt: skip
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
     lines = [line for line in output.splitlines() if line.startswith("fidelity features (rank")]
     assert sorted(line.split(")")[0] for line in lines) == [
         "fidelity features (rank 0 of 2",

@@ -864,7 +864,7 @@ def precompute_features(
     files (atomically, named by the shard's sha256), so any number of them, on any machines
     sharing the folder, fill one cache. Returns what this process did.
     """
-    from synthbreast.generate import process_rank, slurm_block
+    from synthbreast.generate import process_label, process_rank, slurm_block
 
     started = time.perf_counter()
     env = os.environ if env is None else env
@@ -932,11 +932,9 @@ def precompute_features(
         "not_planned": skipped,
     }
     if log:
-        where = f"rank {rank} of {world}" if world > 1 else "one process"
-        if "SLURM_ARRAY_TASK_ID" in env:
-            where = f"array task {env['SLURM_ARRAY_TASK_ID']}, {where}"
         log(
-            f"features ({where}): {len(mine)} of {len(items)} shards, {images} images: "
+            f"features ({process_label(env)}): {len(mine)} of {len(items)} shards, "
+            f"{images} images: "
             f"{summary['computed']} computed, {summary['reused']} already cached, "
             f"{summary['seconds']:.1f} s -> {', '.join(summary['cache'])}"
         )

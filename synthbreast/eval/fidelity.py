@@ -834,7 +834,7 @@ def precompute_features(
     own shards' cache files, atomically. The histology space is trained, and its features
     computed, by the fidelity run itself (a small CNN at the patches' size: its pass is cheap).
     Returns what this process did."""
-    from synthbreast.generate import process_rank, slurm_task
+    from synthbreast.generate import process_label, process_rank, slurm_task
 
     started = time.perf_counter()
     env = os.environ if env is None else env
@@ -894,12 +894,10 @@ def precompute_features(
         "extractors": ["channels", *names],
         "left_out": left_out,
     }
-    where = f"rank {rank} of {world}" if world > 1 else "one process"
-    if "SLURM_ARRAY_TASK_ID" in env:
-        where = f"array task {env['SLURM_ARRAY_TASK_ID']}, {where}"
     say(
-        f"fidelity features ({where}): {len(mine)} of {len(items)} (shard, extractor) items, "
-        f"{computed} computed, {reused} already cached, {summary['seconds']:.1f} s -> {cache_dir}"
+        f"fidelity features ({process_label(env)}): {len(mine)} of {len(items)} (shard, "
+        f"extractor) items, {computed} computed, {reused} already cached, "
+        f"{summary['seconds']:.1f} s -> {cache_dir}"
     )
     if left_out:
         say("fidelity features: histology is trained and embedded by the fidelity run itself")
