@@ -830,10 +830,9 @@ def precompute_features(
     finds them cached. The (shard, extractor) items are shared among the array's tasks x
     torchrun's ranks (`balanced_share`): each process takes the same share of every
     extractor's images, so none waits on another that drew the costly ones. Processes never
-    talk: each writes its
-    own shards' cache files, atomically. The histology space is trained, and its features
-    computed, by the fidelity run itself (a small CNN at the patches' size: its pass is cheap).
-    Returns what this process did."""
+    talk: each writes its own shards' cache files, atomically. The histology space is trained,
+    and its features computed, by the fidelity run itself (a small CNN at the patches' size:
+    its pass is cheap). Returns what this process did."""
     from synthbreast.generate import process_label, process_rank, slurm_task
 
     started = time.perf_counter()

@@ -99,15 +99,9 @@ TRAIN_LAYOUT = torch.channels_last  # G, D and the real batches (see _train_gan)
 
 # The paper trains with RMSprop lr 1e-4. The official MSG-GAN code uses Adam with betas
 # (0, 0.99) and a larger rate, which learns much faster per image: the CPU budgets use it.
-# Adam is torch's fused kernel (one call for every tensor, on CPUs and GPUs) and RMSprop the
-# foreach one, where torch's CPU default is a Python loop of small ops per tensor: the same
-# update (tests/test_train_gan.py); for the `small` budget's 62 tensors of G and D, 0.8 ms a
-# step instead of 5.7 ms on 2 cores, 1.7% of a training step (README, Speed).
 OPTIMIZERS = {
-    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr, foreach=True),
-    "adam": lambda params, lr: torch.optim.Adam(
-        params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=True
-    ),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8),
 }
 
 
