@@ -37,9 +37,10 @@ three equal ones).
 A source is one pool of one shard folder (a manifest). Features are cached per shard, as the
 classifier's are: OUT/features/<extractor>-<key>/<shard sha256>.safetensors, the key being the
 sha256 of the extractor and its settings (weights' sha256 included), each file written
-atomically. So a shard is embedded once whichever source lists it, an interrupted pass keeps
-the shards it finished, and processes share a pass by taking shards each
-(`fidelity --features-only`: `features_share`).
+atomically. So a shard is embedded once whichever source lists it, a rerun embeds only the
+shards not cached (an interrupted pass keeps each source's shards whose pass ended: the files
+are written when a source's DataLoader pass ends), and processes share a pass by taking
+shards each (`fidelity --features-only`: `features_share`).
 """
 
 from __future__ import annotations
