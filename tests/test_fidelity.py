@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,23 @@ def test_features_are_cached_per_shard_and_settings(demo_shards, tmp_path):
     redone = cached_features(source, pixels_extractor(16), tmp_path, device, workers=0)
     assert np.array_equal(redone.features, first.features)
     assert {f: f.stat().st_mtime_ns for f in files[2:]} == {f: stamps[f] for f in files[2:]}
+
+
+def test_an_interrupted_feature_pass_keeps_the_shards_it_finished(demo_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    source = real_source(shards, "test")
+    last = source.shards[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # cut: unreadable
+    cache, device = tmp_path / "cache", torch.device("cpu")
+    with pytest.raises(UserError, match=last.name):
+        cached_features(source, pixels_extractor(16), cache, device, workers=0)
+    kept = {f.stem for f in cache.glob("pixels-*/*.safetensors")}
+    assert kept == set(source.shard_sha256[:-1])  # every shard before the damaged one
+    shutil.copy(demo_shards / last.name, last)  # mended: only that shard is embedded now
+    stamps = {f: f.stat().st_mtime_ns for f in cache.glob("pixels-*/*.safetensors")}
+    whole = cached_features(source, pixels_extractor(16), cache, device, workers=0)
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps and len(whole) == source.images
 
 
 # --- end to end --------------------------------------------------------------------------------

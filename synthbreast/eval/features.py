@@ -37,10 +37,10 @@ three equal ones).
 A source is one pool of one shard folder (a manifest). Features are cached per shard, as the
 classifier's are: OUT/features/<extractor>-<key>/<shard sha256>.safetensors, the key being the
 sha256 of the extractor and its settings (weights' sha256 included), each file written
-atomically. So a shard is embedded once whichever source lists it, a rerun embeds only the
-shards not cached (an interrupted pass keeps each source's shards whose pass ended: the files
-are written when a source's DataLoader pass ends), and processes share a pass by taking
-shards each (`fidelity --features-only`: `features_share`).
+atomically as soon as the shard's last image is embedded. So a shard is embedded once
+whichever source lists it, a rerun or an interrupted pass embeds only the shards not cached,
+and processes share a pass by taking shards each (`fidelity --features-only`:
+`features_share`).
 """
 
 from __future__ import annotations
@@ -611,13 +611,16 @@ def extract(
     shards: Sequence[int],
     extractor: Extractor,
     device: torch.device,
+    on_shard: Callable[[int, ShardFeatures], None],
     batch_size: int = 64,
     workers: int = 2,
     on_images: Callable[[int], None] | None = None,
-) -> dict[int, ShardFeatures]:
-    """Features of every image of some of a source's shards (indices into source.shards), by
-    shard, each in tar order. The DataLoader's workers take shards each, so the samples of one
-    batch may come from several: each sample's shard is read from its url."""
+) -> None:
+    """Features of every image of some of a source's shards (indices into source.shards), each
+    shard handed to `on_shard(index, features)` (tar order) as soon as its last image is seen:
+    an interrupted pass keeps every shard it finished. The DataLoader's workers take shards
+    each, so the samples of one batch may come from several: each sample's shard is read from
+    its url, and a shard is finished when it holds the images its manifest lists."""
     paths = [source.shards[i] for i in shards]
     # channels=3: grey images replicated into RGB, the one way every extractor reads them;
     # by_rank=False: this process reads every shard given, also under torchrun
@@ -632,11 +635,34 @@ def extract(
     extractor.to(device)
     index = {str(path): i for i, path in zip(shards, paths, strict=True)}
     chunks: dict[int, list] = {i: [] for i in shards}
+
+    def finish(i: int) -> None:
+        rows = chunks.pop(i)
+        on_shard(i, ShardFeatures(
+            torch.stack([f for _, _, f in rows]).numpy().astype(np.float32)
+            if rows else np.zeros((0, extractor.dim), np.float32),
+            np.array([label for _, label, _ in rows], dtype=np.int64),
+            [key for key, _, _ in rows],
+        ))  # fmt: skip
+
+    def wrong_count(i: int, found: int) -> UserError:
+        return UserError(
+            f"{source.shards[i]}: read {found} images, its manifest lists "
+            f"{source.shard_images[i]}: check the folder with `synthbreast inspect {source.root}`"
+        )
+
+    for i in [i for i in shards if source.shard_images[i] == 0]:
+        finish(i)
     try:
         for batch in loader:
             features = extractor(batch["image"].to(device, non_blocking=True)).cpu()
             for row, (url, key) in enumerate(zip(batch["shard"], batch["key"], strict=True)):
-                chunks[index[url]].append((key, int(batch["label"][row]), features[row]))
+                i = index[url]
+                if i not in chunks:  # finished already: more images than the manifest lists
+                    raise wrong_count(i, source.shard_images[i] + 1)
+                chunks[i].append((key, int(batch["label"][row]), features[row]))
+                if len(chunks[i]) == source.shard_images[i]:
+                    finish(i)
             if on_images is not None:
                 on_images(len(batch["key"]))
     except RuntimeError as err:
@@ -646,22 +672,8 @@ def extract(
                 f"{extractor.name} extractor at native size"
             ) from err
         raise
-    out = {}
-    for i, rows in chunks.items():
-        if len(rows) != source.shard_images[i]:
-            raise UserError(
-                f"{source.shards[i]}: read {len(rows)} images, its manifest lists "
-                f"{source.shard_images[i]}: check the folder with "
-                f"`synthbreast inspect {source.root}`"
-            )
-        out[i] = ShardFeatures(
-            torch.stack([f for _, _, f in rows]).numpy().astype(np.float32)
-            if rows
-            else np.zeros((0, extractor.dim), np.float32),
-            np.array([label for _, label, _ in rows], dtype=np.int64),
-            [key for key, _, _ in rows],
-        )
-    return out
+    for i, rows in chunks.items():  # shards that ended short of their manifest's count
+        raise wrong_count(i, len(rows))
 
 
 def features_share(
@@ -676,8 +688,9 @@ def features_share(
 ) -> tuple[int, int]:
     """Fill the cache for these (source index, shard index) pairs (None: every shard of every
     source), embedding only what is not cached yet. Returns (shards computed, shards reused).
-    Each shard's file is written atomically as soon as the pass ends, so processes that take
-    disjoint shards (`fidelity --features-only`) fill one cache without talking."""
+    Each shard's file is written atomically as soon as its last image is embedded, so an
+    interrupted pass keeps what it finished and processes that take disjoint shards
+    (`fidelity --features-only`) fill one cache without talking."""
     key = cache_key(extractor)
     if shards is None:
         shards = [(s, i) for s, source in enumerate(sources) for i in range(len(source.shards))]
@@ -701,11 +714,12 @@ def features_share(
             def advance(n: int, task=task) -> None:
                 progress.advance(task, n)
 
-        parts = extract(source, indices, extractor, device, batch_size, workers, advance)
-        for i, part in parts.items():
+        def write(i: int, part: ShardFeatures, source=source) -> None:
             path = shard_cache_path(cache_dir, extractor, source.shard_sha256[i])
             _write_cache(path, part, key, extractor)
-        computed += len(parts)
+
+        extract(source, indices, extractor, device, write, batch_size, workers, advance)
+        computed += len(indices)
     return computed, reused
 
 
