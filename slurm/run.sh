@@ -5,7 +5,7 @@
 #
 #   sbatch slurm/run.sh ingest /data/idc /scratch/idc-shards --small-patches pad
 #   sbatch --array=0-7 slurm/run.sh fidelity --features-only --config fidelity.json
-#       (each array task embeds its block of fidelity's feature pass; then `fidelity`)
+#       (each array task embeds its share of fidelity's feature pass; then `fidelity`)
 #
 # `synthbreast submit all` uses it. Arguments are passed to `synthbreast` unchanged.
 #   SYNTHBREAST_IMAGE  an Apptainer image to run in; unset: the installed `synthbreast`

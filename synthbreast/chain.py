@@ -495,7 +495,7 @@ def classify_outputs(config: ClassifyConfig) -> dict[Path, str]:
 def run_fidelity_stage(stage: Stage, ctx: Context) -> str:
     from synthbreast.eval.fidelity import precompute_features, run_fidelity
 
-    if stage.config.features_only:  # every task's block, here (whatever Slurm set)
+    if stage.config.features_only:  # every task's share, here (whatever Slurm set)
         done = precompute_features(stage.config, ctx.progress, ctx.log, env={})
         return f"{done['items']} items: {done['computed']} embedded, {done['reused']} cached"
     return f"done: {run_fidelity(stage.config, progress=ctx.progress, log=ctx.log)}"

@@ -1499,7 +1499,7 @@ def fidelity(
         bool,
         typer.Option(
             help="Only fill OUT/features with this process's share of the feature pass (a "
-            "torchrun rank's, a Slurm array task's block), then stop: run it as `torchrun "
+            "torchrun rank's, a Slurm array task's), then stop: run it as `torchrun "
             "--nproc_per_node N -m synthbreast fidelity --features-only ...` or an array, then "
             "fidelity as usual."
         ),
