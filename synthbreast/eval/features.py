@@ -685,9 +685,10 @@ def features_share(
     batch_size: int = 64,
     workers: int = 2,
     progress=None,
-) -> tuple[int, int]:
+) -> tuple[dict[tuple[int, int], ShardFeatures], int, int]:
     """Fill the cache for these (source index, shard index) pairs (None: every shard of every
-    source), embedding only what is not cached yet. Returns (shards computed, shards reused).
+    source), embedding only what is not cached yet. Returns the features of each pair (read
+    once, or just embedded), and how many shards were computed and reused.
     Each shard's file is written atomically as soon as its last image is embedded, so an
     interrupted pass keeps what it finished and processes that take disjoint shards
     (`fidelity --features-only`) fill one cache without talking."""
@@ -695,14 +696,16 @@ def features_share(
     if shards is None:
         shards = [(s, i) for s, source in enumerate(sources) for i in range(len(source.shards))]
     todo: dict[int, list[int]] = {}
-    reused = 0
+    found: dict[tuple[int, int], ShardFeatures] = {}
     for s, i in shards:
         source = sources[s]
         path = shard_cache_path(cache_dir, extractor, source.shard_sha256[i])
-        if _read_cache(path, key, source.shard_images[i]) is None:
+        part = _read_cache(path, key, source.shard_images[i])
+        if part is None:
             todo.setdefault(s, []).append(i)
         else:
-            reused += 1
+            found[(s, i)] = part
+    reused = len(found)
     computed = 0
     for s, indices in todo.items():
         source = sources[s]
@@ -714,13 +717,14 @@ def features_share(
             def advance(n: int, task=task) -> None:
                 progress.advance(task, n)
 
-        def write(i: int, part: ShardFeatures, source=source) -> None:
+        def write(i: int, part: ShardFeatures, s=s, source=source) -> None:
             path = shard_cache_path(cache_dir, extractor, source.shard_sha256[i])
             _write_cache(path, part, key, extractor)
+            found[(s, i)] = part
 
         extract(source, indices, extractor, device, write, batch_size, workers, advance)
         computed += len(indices)
-    return computed, reused
+    return found, computed, reused
 
 
 def cached_features(
@@ -734,14 +738,10 @@ def cached_features(
 ) -> Features:
     """The source's features, shard after shard in manifest order (each image in tar order):
     from the cache, the shards not cached yet extracted and cached first."""
-    features_share([source], extractor, cache_dir, device, None, batch_size, workers, progress)
-    key = cache_key(extractor)
-    parts = []
-    for sha, images in zip(source.shard_sha256, source.shard_images, strict=True):
-        part = _read_cache(shard_cache_path(cache_dir, extractor, sha), key, images)
-        if part is None:  # written a moment ago: only a file changed under us gets here
-            raise UserError(f"{cache_folder(cache_dir, extractor)}: {sha}'s features unreadable")
-        parts.append(part)
+    found, _, _ = features_share(
+        [source], extractor, cache_dir, device, None, batch_size, workers, progress
+    )
+    parts = [found[(0, i)] for i in range(len(source.shards))]
     n = sum(len(p.keys) for p in parts)
     return Features(
         np.concatenate([p.features for p in parts]),

@@ -873,7 +873,7 @@ def precompute_features(
     for e, extractor in [(-1, channels), *enumerate(extractors)]:
         shards = [(s, i) for f, s, i in mine if f == e]
         if shards:
-            done, found = features_share(
+            _, done, found = features_share(
                 sources, extractor, cache_dir, device, shards, config.batch_size,
                 config.workers, progress,
             )  # fmt: skip
