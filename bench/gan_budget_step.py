@@ -9,10 +9,11 @@ worker fork) is left out.
     python bench/gan_budget_step.py --shards SHARDS [--budget small] [--kimg 1.0] [--rounds 2]
         [--variants choices|speed]
 
-`choices` (default): the model, loss and augmentation one at a time. `speed`: the budget's
-default against its layout and penalty before (NCHW, the penalty every step: the `small`
-step issue 16 started from), torch's fused Adam, and the options that change its arithmetic
-per image (a larger batch, bf16 autocast), to see which buy more kimg in the same minutes.
+`choices` (default): the model, loss, augmentation and generator options one at a time.
+`speed`: the budget's default against its layout and penalty before (NCHW, the penalty every
+step: the `small` step issue 16 started from), torch's fused Adam, and the options that change
+its arithmetic per image (a larger batch, bf16 autocast), to see which buy more kimg in the
+same minutes.
 
 SHARDS: an ingest output (e.g. `synthbreast demo-data d && synthbreast ingest d SHARDS`).
 """
@@ -44,6 +45,9 @@ VARIANTS = [
                                               augment="none")),
     ("msggan-cond, logistic-r1, diffaug", dict(model="msggan-cond", loss="logistic-r1",
                                                augment="diffaug")),
+    ("msggan-cond, G 32 channels at 64 px", dict(model="msggan-cond", g_fmap_min=32)),
+    ("msggan-cond, label modulates G's blocks", dict(model="msggan-cond",
+                                                    g_condition="modulate")),
     ("budget default", dict(model="msggan-cond")),
 ]  # fmt: skip
 # The budget's default G and D, with one option changed at a time. "layout" and "adam" are

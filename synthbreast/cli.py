@@ -514,6 +514,10 @@ def train_gan(
     resolution: Annotated[_Opt[int], typer.Option(help="Output side [64].")] = None,
     width: Annotated[_Opt[float], typer.Option(help="Channel multiplier [1.0 = paper].")] = None,
     latent_dim: Annotated[_Opt[int], typer.Option(help="Latent size [512].")] = None,
+    g_fmap_min: Annotated[
+        _Opt[int],
+        typer.Option(help="Generator's channel floor at every scale, D's unchanged [0: 16]."),
+    ] = None,
     g_padding: Annotated[
         _Opt[str], typer.Option(help="Generator conv padding: zeros (paper) or reflect.")
     ] = None,
@@ -525,6 +529,13 @@ def train_gan(
         typer.Option(
             help="Per-pixel noise in G (StyleGAN): none (paper), all blocks, or coarse (all "
             "but the top block: no pixel speckle)."
+        ),
+    ] = None,
+    g_condition: Annotated[
+        _Opt[str],
+        typer.Option(
+            help="msggan-cond: where G reads the label: input (joined to the latent) or "
+            "modulate (also a per-class scale and bias in every block)."
         ),
     ] = None,
     batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
@@ -583,9 +594,11 @@ def train_gan(
         resolution=resolution,
         width=width,
         latent_dim=latent_dim,
+        g_fmap_min=g_fmap_min,
         g_padding=g_padding,
         g_upsample=g_upsample,
         g_noise=g_noise,
+        g_condition=g_condition,
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,

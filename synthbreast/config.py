@@ -216,9 +216,11 @@ class TrainGANConfig:
     resolution: int = 64
     latent_dim: int = 512
     width: float = 1.0  # channel multiplier: 1.0 = the paper; smaller for CPUs
+    g_fmap_min: int = 0  # the generator's channel floor at every scale (0: D's floor, 16)
     g_padding: str = "zeros"  # generator conv padding: zeros (the paper) | reflect
     g_upsample: str = "nearest"  # generator x2 upsampling: nearest (the paper) | bilinear
     g_noise: str = "none"  # per-pixel noise in G (StyleGAN): none (the paper) | all | coarse
+    g_condition: str = "input"  # msggan-cond's G reads the label: input | modulate (every block)
     batch_size: int = 16
     optimizer: str = "rmsprop"  # rmsprop (the paper) | adam (betas 0, 0.99: official MSG-GAN)
     lr: float = 1e-4

@@ -205,6 +205,47 @@ def test_coarse_noise_leaves_the_top_block_noiseless():
         MSGGANConfig(g_noise="everywhere")
 
 
+def test_generator_floor_widens_g_at_the_fine_scales_and_leaves_d_alone():
+    narrow = MSGGANConfig(resolution=64, latent_dim=32, width=1 / 16)
+    floored = MSGGANConfig(resolution=64, latent_dim=32, width=1 / 16, g_fmap_min=32)
+    assert [narrow.g_channels(s) for s in narrow.scales()] == [32, 32, 32, 32, 16]
+    assert [floored.g_channels(s) for s in floored.scales()] == [32, 32, 32, 32, 32]
+    G = Generator(floored)
+    assert G.blocks[-1].conv2.weight.shape[0] == 32 and G.to_rgb[-1].weight.shape[1] == 32
+    assert [x.shape[-1] for x in G(torch.randn(2, 32))] == floored.scales()
+    D_narrow, D_floored = Discriminator(narrow), Discriminator(floored)
+    assert [p.shape for p in D_narrow.parameters()] == [p.shape for p in D_floored.parameters()]
+    # a checkpoint's config from before the field has none: the generator it built is rebuilt
+    old = {k: v for k, v in narrow.to_dict().items() if k != "g_fmap_min"}
+    assert MSGGANConfig.from_dict(old) == narrow
+    with pytest.raises(ValueError, match="g_fmap_min"):
+        MSGGANConfig(g_fmap_min=24)
+
+
+def test_class_modulation_starts_as_the_input_conditioned_model_and_then_splits_classes():
+    kw = dict(resolution=32, latent_dim=32, width=1 / 16, num_classes=2)
+    plain, modulated = MSGGANConfig(**kw), MSGGANConfig(**kw, g_condition="modulate")
+    torch.manual_seed(0)
+    G0, G1 = Generator(plain), Generator(modulated)
+    missing, unexpected = G1.load_state_dict(G0.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(".modulate." in name for name in missing)
+    z, labels = torch.randn(4, 32), torch.tensor([0, 1, 0, 1])
+    # new modulation weights are 0: it draws what the input-conditioned model draws
+    assert all(torch.equal(a, b) for a, b in zip(G0(z, labels), G1(z, labels), strict=True))
+    with torch.no_grad():
+        for block in G1.blocks:
+            block.modulate.affine.weight.normal_()
+    same_z = torch.cat([z[:1], z[:1]])
+    top = G1.sample(same_z, torch.tensor([0, 1]))
+    top_plain = G0.sample(same_z, torch.tensor([0, 1]))
+    # the same latent drawn as class 0 and class 1 now differs by more than the input
+    # embedding alone makes it differ
+    assert (top[0] - top[1]).abs().mean() > (top_plain[0] - top_plain[1]).abs().mean()
+    assert torch.equal(G1.sample(z, labels), G1(z, labels)[-1])
+    with pytest.raises(ValueError, match="g_condition"):
+        MSGGANConfig(**kw, g_condition="everywhere")
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 def test_channels_last_training_layout_computes_what_nchw_does(conditional):
     """train-gan runs G, D and the reals in channels_last (TRAIN_LAYOUT, for speed): the

@@ -14,7 +14,10 @@ because oneDNN on the CPU runs misaligned widths much slower (see MSGGAN-NOTES.m
 
 With `num_classes` >= 2 the pair is conditional (`msggan-cond`), one model for every class:
 - G: the one-hot label is embedded to `latent_dim` and joined to the latent, each
-  pixel-normalised (as StyleGAN2-ADA's mapping network joins its embedding);
+  pixel-normalised (as StyleGAN2-ADA's mapping network joins its embedding); with
+  `g_condition="modulate"` every block also scales and shifts its features per class and
+  channel (conditional normalisation, as BigGAN's class-conditional batch norm), so the label
+  reaches the fine scales directly and not only through the 4x4 features;
 - D: a projection discriminator (Miyato & Koyama 2018) at the 4x4 output: the score is
   `linear(h) + <embed(y), h> / sqrt(C)` on the final features h, so that D judges "is this a
   real image of class y" and not only "is this real".
@@ -36,6 +39,7 @@ LRELU_SLOPE = 0.2
 RELU_GAIN = math.sqrt(2.0)  # He gain for layers followed by LeakyReLU
 LINEAR_GAIN = 1.0  # to_rgb and the discriminator's score are linear (as in ProGAN)
 G_NOISE = ("none", "all", "coarse")  # where the generator adds per-pixel noise
+G_CONDITION = ("input", "modulate")  # where a conditional generator reads its label
 
 
 @dataclass
@@ -48,6 +52,9 @@ class MSGGANConfig:
     fmap_max: int = 512
     width: float = 1.0  # 1.0 = the paper; < 1 for narrow CPU models
     fmap_min: int = 16  # floor after scaling by width
+    # the generator's own floor (0: fmap_min): a narrow G gets more channels at the fine
+    # scales, where the width rule leaves it fewest, without widening D
+    g_fmap_min: int = 0
     align: int = 16  # channel counts are rounded to a multiple of this (oneDNN speed)
     rgb_channels: int = 16  # from_rgb width of each lower scale in the discriminator
     mbstd_group: int = 4  # minibatch standard deviation group size
@@ -63,6 +70,9 @@ class MSGGANConfig:
     # output side and up but leaves no pixel-level speckle in the image; "none" (the paper)
     g_noise: str = "none"
     num_classes: int = 0  # 0: unconditional (msggan); >= 2: conditional (msggan-cond)
+    # where a conditional G reads the label: "input" (embedding joined to the latent) or
+    # "modulate" (that, and a per-class scale and bias of every block's features)
+    g_condition: str = "input"
     # channels of the images G draws and D reads: 3 (RGB histology) or 1 (grey mammograms);
     # checkpoints written before the field have none and are RGB
     image_channels: int = 3
@@ -71,6 +81,10 @@ class MSGGANConfig:
         res = self.resolution
         if res < 8 or res & (res - 1):
             raise ValueError(f"resolution must be a power of two >= 8, got {res}")
+        if self.g_fmap_min < 0 or self.g_fmap_min % self.align:
+            raise ValueError(
+                f"g_fmap_min must be 0 or a multiple of {self.align}, got {self.g_fmap_min}"
+            )
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
         if self.g_padding not in ("zeros", "reflect", "replicate"):
@@ -79,6 +93,10 @@ class MSGGANConfig:
             raise ValueError(f"g_upsample must be nearest or bilinear: {self.g_upsample}")
         if self.g_noise not in G_NOISE:
             raise ValueError(f"g_noise must be one of {', '.join(G_NOISE)}: {self.g_noise}")
+        if self.g_condition not in G_CONDITION:
+            raise ValueError(
+                f"g_condition must be one of {', '.join(G_CONDITION)}: {self.g_condition}"
+            )
         if self.rgb_channels < 2:
             raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
         if self.num_classes == 1 or self.num_classes < 0:
@@ -95,6 +113,10 @@ class MSGGANConfig:
         base = min(self.fmap_base // res, self.fmap_max) * self.width
         aligned = round(base / self.align) * self.align
         return max(aligned, self.fmap_min, self.align)
+
+    def g_channels(self, res: int) -> int:
+        """The generator's channels at side `res`: `channels`, floored at g_fmap_min."""
+        return max(self.channels(res), self.g_fmap_min)
 
     def scales(self) -> list[int]:
         """Image sides from 4 to resolution, ascending: the order of G's outputs and D's input."""
@@ -236,9 +258,25 @@ class NoiseInjection(nn.Module):
         return x + self.weight * noise.to(x.device, x.dtype)
 
 
+class ClassModulation(nn.Module):
+    """x * (1 + scale[y, c]) + bias[y, c]: a per-class, per-channel affine map of normalised
+    features (BigGAN's class-conditional batch norm, here after pixel norm). Starts at the
+    identity (zero weights), so a new model is the input-conditioned one."""
+
+    def __init__(self, num_classes: int, channels: int) -> None:
+        super().__init__()
+        self.affine = EqualizedLinear(num_classes, 2 * channels, gain=1.0)
+        nn.init.zeros_(self.affine.weight)
+
+    def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
+        scale, bias = self.affine(onehot.to(x.dtype))[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + scale) + bias
+
+
 class GeneratorBlock(nn.Module):
     """Upsample x2 (nearest or bilinear), then two 3x3 convs with LeakyReLU and pixel norm
-    (and per-pixel noise before each activation when `noise`)."""
+    (and per-pixel noise before each activation when `noise`; a per-class affine map of the
+    output when `num_classes`)."""
 
     def __init__(
         self,
@@ -247,6 +285,7 @@ class GeneratorBlock(nn.Module):
         padding_mode: str = "zeros",
         upsample: str = "nearest",
         noise: bool = False,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         self.upsample = upsample
@@ -254,8 +293,14 @@ class GeneratorBlock(nn.Module):
         self.conv2 = EqualizedConv2d(out_ch, out_ch, 3, padding_mode=padding_mode)
         self.noise1 = NoiseInjection(out_ch) if noise else None
         self.noise2 = NoiseInjection(out_ch) if noise else None
+        self.modulate = ClassModulation(num_classes, out_ch) if num_classes else None
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        onehot: Tensor | None = None,
+    ) -> Tensor:
         if self.upsample == "nearest":
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
@@ -267,7 +312,12 @@ class GeneratorBlock(nn.Module):
         x = self.conv2(x)
         if self.noise2 is not None:
             x = self.noise2(x, generator)
-        return pixel_norm(lrelu(x))
+        x = pixel_norm(lrelu(x))
+        if self.modulate is not None:
+            if onehot is None:
+                raise ValueError("this block is modulated by class: pass the one-hot labels")
+            x = self.modulate(x, onehot)
+        return x
 
 
 def one_hot(labels: Tensor | None, embed: EqualizedLinear, like: Tensor) -> Tensor:
@@ -289,29 +339,36 @@ class Generator(nn.Module):
         self.config = config
         scales = config.scales()
         pad = config.g_padding
-        self.input = GeneratorInput(config.latent_dim, config.channels(4), pad, config.num_classes)
+        channels = config.g_channels
+        self.input = GeneratorInput(config.latent_dim, channels(4), pad, config.num_classes)
         self.blocks = nn.ModuleList(
             GeneratorBlock(
-                config.channels(s // 2),
-                config.channels(s),
+                channels(s // 2),
+                channels(s),
                 pad,
                 config.g_upsample,
                 noise=config.g_noise == "all" or (config.g_noise == "coarse" and s < scales[-1]),
+                num_classes=config.num_classes if config.g_condition == "modulate" else 0,
             )
             for s in scales[1:]
         )
         self.to_rgb = nn.ModuleList(
-            EqualizedConv2d(config.channels(s), config.image_channels, 1, gain=LINEAR_GAIN)
-            for s in scales
+            EqualizedConv2d(channels(s), config.image_channels, 1, gain=LINEAR_GAIN) for s in scales
         )
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> list[Tensor]:
         x = self.input(z, labels)
+        onehot = self._modulation_labels(labels, z)
         images = [self.to_rgb[0](x)]
         for block, to_rgb in zip(self.blocks, self.to_rgb[1:], strict=True):
-            x = block(x)
+            x = block(x, None, onehot)
             images.append(to_rgb(x))
         return images
+
+    def _modulation_labels(self, labels: Tensor | None, z: Tensor) -> Tensor | None:
+        if self.config.g_condition != "modulate" or not self.config.conditional:
+            return None
+        return one_hot(labels, self.input.embed, z)
 
     def sample(
         self, z: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None
@@ -322,8 +379,9 @@ class Generator(nn.Module):
         The lower scales' to_rgb are skipped: only the top image is kept. `generator` (a CPU
         torch.Generator) draws the per-pixel noise of a `g_noise` model reproducibly."""
         x = self.input(z, labels)
+        onehot = self._modulation_labels(labels, z)
         for block in self.blocks:
-            x = block(x, generator)
+            x = block(x, generator, onehot)
         return self.to_rgb[-1](x)
 
 

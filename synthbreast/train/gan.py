@@ -188,9 +188,11 @@ def model_config(
             resolution=config.resolution,
             latent_dim=config.latent_dim,
             width=config.width,
+            g_fmap_min=config.g_fmap_min,
             g_padding=config.g_padding,
             g_upsample=config.g_upsample,
             g_noise=config.g_noise,
+            g_condition=config.g_condition,
             num_classes=num_classes if spec.conditional else 0,
             image_channels=image_channels,  # the shards' channels: 1 for grey mammograms
         )
