@@ -53,7 +53,7 @@ VARIANTS = [
 # The budget's default G and D, with one option changed at a time. "layout" and "adam" are
 # not config fields: train-gan always runs channels_last (gan.TRAIN_LAYOUT) and torch's CPU
 # default Adam, a loop over the tensors (gan.OPTIMIZERS); the bench sets NCHW and torch's
-# fused Adam to time them (fused Adam broke bit-exact resume: README, Speed).
+# fused Adam to time them (README, Speed: why fused Adam once broke bit-exact resume).
 NCHW = torch.contiguous_format
 FUSED_ADAM = lambda params, lr: torch.optim.Adam(  # noqa: E731
     params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=True

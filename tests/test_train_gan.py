@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from synthbreast.cli import app
 from synthbreast.config import TrainGANConfig
 from synthbreast.errors import UserError
-from synthbreast.train.checkpoint import list_checkpoints, load_checkpoint
-from synthbreast.train.gan import apply_budget, train_gan
+from synthbreast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from synthbreast.train.gan import apply_budget, load_optimizer_state, train_gan
 
 # tiny: 32 px, 16 channels, batch 8; 6 steps
 TINY = dict(kimg=0.048, tick_kimg=0.016, snapshot_kimg=0.048, checkpoint_kimg=0.016, workers=0)
@@ -109,6 +109,36 @@ def test_interrupted_run_resumes_to_the_same_weights(demo_shards, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 12 and len(steps) > 2
     assert [t["step"] for t in ticks_b] == steps
     assert [t["d_loss"] for t in ticks_b] == [t["d_loss"] for t in ticks_a]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_state_resumes_exactly_in_the_channels_last_layout(tmp_path, fused):
+    """Training runs channels_last, checkpoints store tensors contiguous: the moments come back
+    in their parameters' layout, so every Adam (fused ones pair tensors by memory position)
+    continues as if never stopped."""
+    torch.manual_seed(0)
+    weight = torch.randn(32, 16, 3, 3).to(memory_format=torch.channels_last)
+    grads = [torch.randn_like(weight) for _ in range(6)]
+
+    def adam(param):
+        return torch.optim.Adam([param], lr=2e-3, betas=(0.0, 0.99), eps=1e-8, fused=fused)
+
+    p = torch.nn.Parameter(weight.clone())
+    opt = adam(p)
+    for grad in grads[:3]:
+        p.grad = grad.clone()
+        opt.step()
+    save_checkpoint(tmp_path, 3, {"opt": opt.state_dict(), "p": p.detach()})
+    saved = load_checkpoint(tmp_path)["state"]
+    q = torch.nn.Parameter(saved["p"].to(memory_format=torch.channels_last))
+    resumed = adam(q)
+    load_optimizer_state(resumed, saved["opt"])
+    assert resumed.state[q]["exp_avg"].stride() == q.stride()
+    for grad in grads[3:]:
+        p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(p, q)
 
 
 def test_resume_with_another_optimizer_is_refused(demo_shards, tmp_path):
