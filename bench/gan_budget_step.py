@@ -7,7 +7,7 @@ its ratio to the first one (the peer in the same run). The first tick of each ru
 worker fork) is left out.
 
     python bench/gan_budget_step.py --shards SHARDS [--budget small] [--kimg 1.0] [--rounds 2]
-        [--variants choices|speed]
+        [--variants choices|speed] [--only TEXT ...]
 
 `choices` (default): the model, loss, augmentation and generator options one at a time.
 `speed`: the budget's default against its layout and penalty before (NCHW, the penalty every
@@ -96,8 +96,20 @@ def main() -> None:
     parser.add_argument("--kimg", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", choices=("choices", "speed"), default="choices")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="time only the variants whose label contains TEXT (repeatable); "
+        "the first of them is the one the others are compared with",
+    )
     args = parser.parse_args()
     variants = SPEED_VARIANTS if args.variants == "speed" else VARIANTS
+    if args.only:
+        variants = [v for v in variants if any(text in v[0] for text in args.only)]
+        if not variants:
+            parser.error(f"--only {args.only}: no variant label contains it")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, budget {args.budget}")
     found: dict[str, list[float]] = {label: [] for label, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:

@@ -244,6 +244,8 @@ def test_class_modulation_starts_as_the_input_conditioned_model_and_then_splits_
     assert torch.equal(G1.sample(z, labels), G1(z, labels)[-1])
     with pytest.raises(ValueError, match="g_condition"):
         MSGGANConfig(**kw, g_condition="everywhere")
+    with pytest.raises(ValueError, match="conditional"):
+        MSGGANConfig(resolution=32, g_condition="modulate")  # nothing to modulate by
 
 
 @pytest.mark.parametrize("conditional", [False, True])

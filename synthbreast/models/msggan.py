@@ -101,6 +101,8 @@ class MSGGANConfig:
             raise ValueError("rgb_channels must be >= 2 (the 4x4 block gives one to mbstd)")
         if self.num_classes == 1 or self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or >= 2: {self.num_classes}")
+        if self.g_condition == "modulate" and self.num_classes == 0:
+            raise ValueError("g_condition modulate needs a conditional model (msggan-cond)")
         if self.image_channels not in (1, 3):
             raise ValueError(f"image_channels must be 1 or 3, got {self.image_channels}")
 
@@ -366,7 +368,7 @@ class Generator(nn.Module):
         return images
 
     def _modulation_labels(self, labels: Tensor | None, z: Tensor) -> Tensor | None:
-        if self.config.g_condition != "modulate" or not self.config.conditional:
+        if self.config.g_condition != "modulate":
             return None
         return one_hot(labels, self.input.embed, z)
 
