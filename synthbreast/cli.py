@@ -538,6 +538,13 @@ def train_gan(
             "modulate (also a per-class scale and bias in every block)."
         ),
     ] = None,
+    class_weight: Annotated[
+        _Opt[float],
+        typer.Option(
+            help="msggan-cond: weight of AC-GAN's class loss (an auxiliary classifier in D; "
+            "cross-entropy on reals for D, on fakes at a tenth for G); 0 = off [0]."
+        ),
+    ] = None,
     batch_size: Annotated[_Opt[int], typer.Option(help="Global batch [16].")] = None,
     optimizer: Annotated[
         _Opt[str],
@@ -599,6 +606,7 @@ def train_gan(
         g_upsample=g_upsample,
         g_noise=g_noise,
         g_condition=g_condition,
+        class_weight=class_weight,
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,

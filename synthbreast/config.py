@@ -221,6 +221,9 @@ class TrainGANConfig:
     g_upsample: str = "nearest"  # generator x2 upsampling: nearest (the paper) | bilinear
     g_noise: str = "none"  # per-pixel noise in G (StyleGAN): none (the paper) | all | coarse
     g_condition: str = "input"  # msggan-cond's G reads the label: input | modulate (every block)
+    # msggan-cond: AC-GAN's class cross-entropy (D on reals, G on fakes at a tenth) with this
+    # weight, from an auxiliary classifier in D; 0 = projection discriminator alone
+    class_weight: float = 0.0
     batch_size: int = 16
     optimizer: str = "rmsprop"  # rmsprop (the paper) | adam (betas 0, 0.99: official MSG-GAN)
     lr: float = 1e-4

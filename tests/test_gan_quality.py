@@ -226,6 +226,10 @@ def test_conditional_model_draws_each_class_look(tmp_path):
     lines = [json.loads(t) for t in (run / METRIC_FILE).read_text().splitlines()]
     assert [line["kimg"] for line in lines] == [0.4, 0.8, 1.2]
     assert set(lines[-1]["classes"]) == {"0", "1"}
+    # the snapshot metric's real-trained texture classifier tells the real classes apart and
+    # labels each generated class as the class it was drawn for
+    assert lines[-1]["real_class_accuracy"] > 0.95
+    assert all(lines[-1]["classes"][c]["class_accuracy"] > 0.9 for c in ("0", "1"))
     G, info = load_generator(run)
     assert info["model_name"] == "msggan-cond" and G.config.num_classes == 2
     means = {c: real_patches(shards, c).float().mean(dim=(0, 2, 3)) for c in (0, 1)}
@@ -348,3 +352,19 @@ def test_logistic_loss_with_ada_and_diffaug_train_and_record_p(demo_shards, tmp_
         assert ("augment_p" in ticks[-1]) == (augment == "ada")
         saved = json.loads((run / "config.json").read_text())
         assert saved["augment"] == augment and saved["loss"] == "logistic-r1"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_the_class_loss_trains_with_either_loss_and_needs_a_conditional_model(
+    demo_shards, tmp_path, loss
+):
+    # r1_interval 2: half the steps score the reals through R1's detached copies
+    config = tiny(demo_shards, tmp_path / loss, model="msggan-cond", loss=loss, class_weight=1.0,
+                  kimg=0.064, r1_interval=2, gp_interval=2, metric_images=0)  # fmt: skip
+    run = train_gan(config, progress_print=lambda _: None)
+    ticks = [json.loads(t) for t in (run / "stats.jsonl").read_text().splitlines()]
+    assert all(0 <= t["d_class_acc"] <= 1 and math.isfinite(t["g_class_ce"]) for t in ticks)
+    _, info = load_generator(run)
+    assert info["model"]["d_classifier"] is True
+    with pytest.raises(UserError, match=r"--class-weight 1\.0 needs class labels"):
+        train_gan(tiny(demo_shards, tmp_path / "uncond", class_weight=1.0, class_label=0))

@@ -18,7 +18,12 @@ from synthbreast.models.msggan import (
     minibatch_stddev,
     param_count,
 )
-from synthbreast.train.losses import discriminator_loss, generator_loss, requires_grad
+from synthbreast.train.losses import (
+    ClassTerm,
+    discriminator_loss,
+    generator_loss,
+    requires_grad,
+)
 
 # Measured for the paper config (64 px, width 1.0, latent 512); see the bench for timings.
 PAPER_G_PARAMS = 22_498_063
@@ -246,6 +251,35 @@ def test_class_modulation_starts_as_the_input_conditioned_model_and_then_splits_
         MSGGANConfig(**kw, g_condition="everywhere")
     with pytest.raises(ValueError, match="conditional"):
         MSGGANConfig(resolution=32, g_condition="modulate")  # nothing to modulate by
+
+
+def test_auxiliary_classifier_adds_class_logits_and_the_class_term_finds_them():
+    kw = dict(resolution=32, latent_dim=32, width=1 / 16, num_classes=2)
+    torch.manual_seed(0)
+    plain, with_head = (
+        Discriminator(MSGGANConfig(**kw)),
+        Discriminator(MSGGANConfig(**kw, d_classifier=True)),
+    )
+    missing, unexpected = with_head.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing == ["output.classify.weight", "output.classify.bias"]
+    G = Generator(MSGGANConfig(**kw))
+    labels = torch.tensor([0, 1, 1, 0])
+    fakes = G(torch.randn(4, 32), labels)
+    score, logits = with_head(fakes, labels, logits=True)
+    # the score is the projection discriminator's, unchanged by the head
+    assert torch.equal(score, plain(fakes, labels)) and logits.shape == (4, 2)
+    with pytest.raises(ValueError, match="no classifier"):
+        plain(fakes, labels, logits=True)
+    with pytest.raises(ValueError, match="conditional"):
+        MSGGANConfig(resolution=32, d_classifier=True)
+    # the loss looks the logits up by the pyramid scored, also through a detached copy (R1)
+    term = ClassTerm(weight=2.0)
+    term.keep([x.detach() for x in fakes], logits)
+    loss, stats = term.loss(fakes, labels, share=0.5)
+    assert torch.allclose(loss, F.cross_entropy(logits, labels))
+    assert stats["accuracy"] == (logits.argmax(1) == labels).float().mean().item()
+    with pytest.raises(RuntimeError, match="did not score"):
+        term.loss(fakes, labels)  # forgotten once used: a stale logit is never reused
 
 
 @pytest.mark.parametrize("conditional", [False, True])

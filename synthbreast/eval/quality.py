@@ -21,7 +21,15 @@ Figures (keys of `quality_metrics`):
 - `kid`: KID (x1000) between the two feature sets (unbiased MMD^2, polynomial kernel);
 - `precision`, `recall`, `coverage`: Naeem et al. 2020 with k = 5;
 - `diversity`: mean pairwise distance of the generated features over that of the real ones;
-  1 = as varied as the real images, 0 = one image repeated.
+  1 = as varied as the real images, 0 = one image repeated;
+- `class_accuracy` (a model of several classes, training's snapshot metric): the share of a
+  class's fakes that a classifier fitted on the real reference features assigns to that
+  class (Shmelkov et al. 2018's GAN-test, in this feature space); their mean over classes is
+  the balanced accuracy of that real-trained classifier on the fakes. 1/classes: the
+  generator's classes carry nothing of the real classes' look; recall and KID cannot see
+  that, since they compare each class with its own real images only. The classifier's own
+  balanced accuracy on held-out real images (half of the reference, other images of the same
+  patients, so optimistic) is `real_class_accuracy`.
 """
 
 from __future__ import annotations
@@ -195,6 +203,33 @@ def summarise(per_class: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {**mean, "classes": per_class, "collapsed": collapsed}
 
 
+class ClassProbe:
+    """A logistic regression on standardised texture features of real images, per class: how
+    a real-trained classifier labels generated ones (`class_accuracy`). Fitted once, seeded."""
+
+    def __init__(self, real: dict[int, Tensor], seed: int = 0) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        def fit(features: list[Tensor], labels: list[int]):
+            x = torch.cat(features).double().numpy()
+            y = np.concatenate([np.full(len(f), c) for f, c in zip(features, labels, strict=True)])
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+            return model.fit(x, y)
+
+        classes = sorted(real)
+        # the held-out figure: fitted on even images, scored on odd ones, balanced over classes
+        half = fit([real[c][0::2] for c in classes], classes)
+        self.real_accuracy = float(
+            np.mean([np.mean(half.predict(real[c][1::2].double().numpy()) == c) for c in classes])
+        )
+        self.model = fit([real[c] for c in classes], classes)
+
+    def accuracy(self, fake: Tensor, label: int) -> float:
+        return float(np.mean(self.model.predict(fake.double().numpy()) == label))
+
+
 class GeneratorQuality:
     """`quality_metrics` of a generator's images against a fixed real sample, per class.
 
@@ -243,6 +278,9 @@ class GeneratorQuality:
             )
         generator = torch.Generator().manual_seed(seed + 7919)
         self.latents = torch.randn(count, latent_dim, generator=generator)
+        self.probe = None
+        if None not in self.real and len(self.real) >= 2:
+            self.probe = ClassProbe(self.real, seed)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def __call__(self, G: nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -262,7 +300,11 @@ class GeneratorQuality:
                                       antialias=True)  # fmt: skip
                 images.append(x.cpu())
             fake = texture_features(self.net, torch.cat(images))
-            per_class["all" if label is None else str(label)] = quality_metrics(
-                real, fake, seed=self.seed
-            )
-        return summarise(per_class)
+            found = quality_metrics(real, fake, seed=self.seed)
+            if self.probe is not None:
+                found["class_accuracy"] = self.probe.accuracy(fake, label)
+            per_class["all" if label is None else str(label)] = found
+        summary = summarise(per_class)
+        if self.probe is not None:
+            summary["real_class_accuracy"] = self.probe.real_accuracy
+        return summary

@@ -73,6 +73,10 @@ class MSGGANConfig:
     # where a conditional G reads the label: "input" (embedding joined to the latent) or
     # "modulate" (that, and a per-class scale and bias of every block's features)
     g_condition: str = "input"
+    # a conditional D's auxiliary classifier (AC-GAN, Odena et al. 2017): class logits from
+    # the same 4x4 features the score reads, beside the projection; the training loss decides
+    # whether it is used (train-gan --class-weight)
+    d_classifier: bool = False
     # channels of the images G draws and D reads: 3 (RGB histology) or 1 (grey mammograms);
     # checkpoints written before the field have none and are RGB
     image_channels: int = 3
@@ -103,6 +107,8 @@ class MSGGANConfig:
             raise ValueError(f"num_classes must be 0 (unconditional) or >= 2: {self.num_classes}")
         if self.g_condition == "modulate" and self.num_classes == 0:
             raise ValueError("g_condition modulate needs a conditional model (msggan-cond)")
+        if self.d_classifier and self.num_classes == 0:
+            raise ValueError("d_classifier needs a conditional model (msggan-cond)")
         if self.image_channels not in (1, 3):
             raise ValueError(f"image_channels must be 1 or 3, got {self.image_channels}")
 
@@ -408,17 +414,30 @@ class DiscriminatorBlock(nn.Module):
 
 class DiscriminatorOutput(nn.Module):
     """The 4x4 block: minibatch std, 3x3 conv, 4x4 conv to C x 1 x 1, linear score; with
-    classes, plus the projection <embed(y), h> / sqrt(C) (Miyato & Koyama 2018)."""
+    classes, plus the projection <embed(y), h> / sqrt(C) (Miyato & Koyama 2018), and with
+    `classifier` a linear map of h to class logits (AC-GAN's auxiliary classifier)."""
 
-    def __init__(self, in_ch: int, channels: int, mbstd_group: int, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        channels: int,
+        mbstd_group: int,
+        num_classes: int = 0,
+        classifier: bool = False,
+    ) -> None:
         super().__init__()
         self.mbstd_group = mbstd_group
         self.conv = EqualizedConv2d(in_ch + 1, channels, 3)
         self.conv4x4 = EqualizedConv2d(channels, channels, 4, padding=0)
         self.score = EqualizedLinear(channels, 1, gain=LINEAR_GAIN)
         self.embed = EqualizedLinear(num_classes, channels, gain=1.0) if num_classes else None
+        self.classify = (
+            EqualizedLinear(channels, num_classes, gain=LINEAR_GAIN) if classifier else None
+        )
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, labels: Tensor | None = None, logits: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         x = minibatch_stddev(x, self.mbstd_group)
         x = lrelu(self.conv(x))
         h = lrelu(self.conv4x4(x)).flatten(1)
@@ -426,12 +445,17 @@ class DiscriminatorOutput(nn.Module):
         if self.embed is not None:
             projection = self.embed(one_hot(labels, self.embed, h))
             score = score + (projection * h).sum(dim=1) / math.sqrt(h.shape[1])
+        if logits:
+            if self.classify is None:
+                raise ValueError("this discriminator has no classifier (d_classifier=False)")
+            return score, self.classify(h)
         return score
 
 
 class Discriminator(nn.Module):
     """[image at 4x4, ..., resolution] [+ labels (N,)] -> score (N,). Reads the top scale
-    first and adds each lower scale's image (1x1 from_rgb, concatenated) on the way down."""
+    first and adds each lower scale's image (1x1 from_rgb, concatenated) on the way down.
+    With `logits=True` (a `d_classifier` model): (score, class logits (N, num_classes))."""
 
     def __init__(self, config: MSGGANConfig) -> None:
         super().__init__()
@@ -455,10 +479,12 @@ class Discriminator(nn.Module):
         )
         self.output = DiscriminatorOutput(
             config.channels(4) + rgb - 1, config.channels(4), config.mbstd_group,
-            config.num_classes,
+            config.num_classes, config.d_classifier,
         )  # fmt: skip
 
-    def forward(self, images: list[Tensor], labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, images: list[Tensor], labels: Tensor | None = None, logits: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         if len(images) != len(self.blocks) + 1:
             raise ValueError(f"expected {len(self.blocks) + 1} scales, got {len(images)}")
         x = lrelu(self.from_rgb_top(images[-1]))
@@ -468,7 +494,7 @@ class Discriminator(nn.Module):
             x = torch.cat([lrelu(self.from_rgb[i](images[i])), x], dim=1)
             x = self.blocks[i - 1](x)
         x = torch.cat([lrelu(self.from_rgb[0](images[0])), x], dim=1)
-        return self.output(x, labels)
+        return self.output(x, labels, logits)
 
 
 # --------------------------------------------------------------------------------------------

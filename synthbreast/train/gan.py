@@ -55,7 +55,15 @@ from synthbreast.train.checkpoint import (
     save_checkpoint,
 )
 from synthbreast.train.ema import make_ema, update_ema
-from synthbreast.train.losses import LOSSES, LossSettings, d_loss, g_loss, requires_grad
+from synthbreast.train.losses import (
+    G_CLASS_SHARE,
+    LOSSES,
+    ClassTerm,
+    LossSettings,
+    d_loss,
+    g_loss,
+    requires_grad,
+)
 
 # Budgets scale widths and resolution as well as length: the paper's config costs about 22 s
 # per iteration on a 2-core CPU (../shared/MSGGAN-NOTES.md), so CPUs need narrow models.
@@ -142,7 +150,7 @@ def apply_budget(config: TrainGANConfig, budget: str | None) -> TrainGANConfig:
 AT_LEAST_ONE = ("batch_size", "latent_dim", "gp_interval", "r1_interval", "grid_size")
 AT_LEAST_ZERO = ("workers",)
 ABOVE_ZERO = ("kimg", "tick_kimg", "snapshot_kimg", "checkpoint_kimg", "lr", "width")
-ZERO_OR_MORE = ("gp_weight", "drift", "r1_gamma", "ema_kimg")
+ZERO_OR_MORE = ("gp_weight", "drift", "r1_gamma", "ema_kimg", "class_weight")
 MIN_RESOLUTION = 8  # MSG-GAN's pyramid starts at 4x4 and doubles (synthbreast/models/msggan.py)
 
 
@@ -195,6 +203,11 @@ def validate(config: TrainGANConfig) -> GANSpec:
             f"--model {spec.name} trains every class in one model: drop --class "
             f"{config.class_label}, or use --model msggan for one model per class"
         )
+    if config.class_weight > 0 and not spec.conditional:
+        raise UserError(
+            f"--class-weight {config.class_weight} needs class labels in the model: "
+            "use --model msggan-cond, or --class-weight 0"
+        )
     return spec
 
 
@@ -211,6 +224,7 @@ def model_config(
             g_upsample=config.g_upsample,
             g_noise=config.g_noise,
             g_condition=config.g_condition,
+            d_classifier=config.class_weight > 0,
             num_classes=num_classes if spec.conditional else 0,
             image_channels=image_channels,  # the shards' channels: 1 for grey mammograms
         )
@@ -619,6 +633,7 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
         config.gp_weight, config.drift, config.gp_interval, config.r1_gamma, config.r1_interval
     )
     ada = AdaptiveP(config.batch_size) if config.augment == "ada" else None
+    class_term = ClassTerm(config.class_weight) if config.class_weight > 0 else None
     step, history = 0, []
     positions = [[0, 0] for _ in groups]
 
@@ -691,9 +706,14 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
         p = 1.0 if config.augment == "diffaug" else ada.p if ada is not None else 0.0
 
         def score(scales):
+            seen = scales
             if p > 0:
                 scales = Augment(len(scales[0]), p, latent_rng)(scales)
-            return D(scales, labels)
+            if class_term is None:
+                return D(scales, labels)
+            scores, logits = D(scales, labels, logits=True)
+            class_term.keep(seen, logits)  # the class term's logits, no second D pass
+            return scores
 
         return score
 
@@ -743,6 +763,10 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
             loss_d, d_stats = d_loss(
                 config.loss, critic(labels), real_in, fake_in, losses, step, alpha=alpha
             )
+            if class_term is not None:
+                class_loss, found = class_term.loss(real_in, labels)
+                loss_d = loss_d + class_loss
+                d_stats |= {"d_class_ce": found["ce"], "d_class_acc": found["accuracy"]}
         opt_D.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         average_gradients(D, accelerator)
@@ -755,7 +779,12 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
         requires_grad(D, False)
         z = torch.randn(per_rank, config.latent_dim, generator=latent_rng).to(device)
         with accelerator.autocast():
-            loss_g, g_stats = g_loss(config.loss, critic(labels), G(z, labels))
+            fake = G(z, labels)
+            loss_g, g_stats = g_loss(config.loss, critic(labels), fake)
+            if class_term is not None:
+                class_loss, found = class_term.loss(fake, labels, G_CLASS_SHARE)
+                loss_g = loss_g + class_loss
+                g_stats |= {"g_class_ce": found["ce"], "g_class_acc": found["accuracy"]}
         opt_G.zero_grad(set_to_none=True)
         accelerator.backward(loss_g)
         average_gradients(G, accelerator)
@@ -816,7 +845,7 @@ def _train_gan(config: TrainGANConfig, progress_print) -> Path:
 
 def metric_text(line: dict[str, Any]) -> str:
     """'snapshot 2.000 kimg: kid 3.1 recall 0.41 ... [class 1 collapsed: ...]'."""
-    keys = ("kid", "precision", "recall", "coverage", "diversity")
+    keys = ("kid", "precision", "recall", "coverage", "diversity", "class_accuracy")
     parts = [f"{k} {line[k]:.3g}" for k in keys if line.get(k) is not None]
     text = f"snapshot {line['kimg']:.3f} kimg (texture features): " + "  ".join(parts)
     for label, reasons in line.get("collapsed", {}).items():

@@ -182,6 +182,50 @@ def logistic_generator_loss(D: ScoreFn, fake_scales: Scales) -> tuple[Tensor, di
     return loss, {"g_loss": loss.item()}
 
 
+# --- AC-GAN's class term, beside either loss ---------------------------------------------------
+
+# The WGAN-GP paper's conditional CIFAR-10 model (AC-WGAN-GP, Gulrajani et al. 2017, its code's
+# ACGAN_SCALE and ACGAN_SCALE_G) weights the generator's class term a tenth of the critic's.
+G_CLASS_SHARE = 0.1
+
+
+class ClassTerm:
+    """AC-GAN's auxiliary classification loss (Odena et al. 2017) for a D with class logits:
+    cross-entropy of D's logits on real images with their labels (D step, weight `weight`)
+    and on fakes with the labels they were drawn for (G step, weight `weight` *
+    G_CLASS_SHARE), so that each generated class must carry what tells the real classes apart.
+
+    The losses above call D through a ScoreFn that returns scores only. The training loop's
+    ScoreFn hands each pyramid's logits to `keep`, under the pyramid's first tensor's storage
+    (a penalty's detached copy of the reals shares it; interpolated pyramids do not and are
+    never looked up), and `loss` finds them again: the class term needs no D pass of its own.
+    """
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self._logits: dict[int, Tensor] = {}
+
+    def keep(self, scales: Scales, logits: Tensor) -> None:
+        self._logits[scales[0].data_ptr()] = logits
+
+    def loss(
+        self, scales: Scales, labels: Tensor, share: float = 1.0
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The weighted cross-entropy of the logits D gave `scales`, and its stats (the
+        unweighted cross-entropy and D's accuracy on them); forgets every kept logit."""
+        key = scales[0].data_ptr()
+        if key not in self._logits:
+            raise RuntimeError("ClassTerm.loss: D did not score this pyramid with logits")
+        logits = wide(self._logits[key])
+        self._logits.clear()
+        cross_entropy = F.cross_entropy(logits, labels.long())
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return self.weight * share * cross_entropy, {
+            "ce": cross_entropy.item(),
+            "accuracy": accuracy.item(),
+        }
+
+
 # --- the registry the training loop uses ----------------------------------------------------
 
 
