@@ -220,10 +220,12 @@ class ClassProbe:
 
         classes = sorted(real)
         # the held-out figure: fitted on even images, scored on odd ones, balanced over classes
-        half = fit([real[c][0::2] for c in classes], classes)
-        self.real_accuracy = float(
-            np.mean([np.mean(half.predict(real[c][1::2].double().numpy()) == c) for c in classes])
-        )
+        # (none when a class has a single image: nothing of it would be held out)
+        self.real_accuracy: float | None = None
+        if min(len(real[c]) for c in classes) >= 2:
+            half = fit([real[c][0::2] for c in classes], classes)
+            held_out = [half.predict(real[c][1::2].double().numpy()) == c for c in classes]
+            self.real_accuracy = float(np.mean([np.mean(found) for found in held_out]))
         self.model = fit([real[c] for c in classes], classes)
 
     def accuracy(self, fake: Tensor, label: int) -> float:
