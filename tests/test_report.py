@@ -27,7 +27,7 @@ from synthbreast.eval.quality import REMEDY
 from synthbreast.fileio import atomic_write_json, sha256_file
 from synthbreast.generate import new_manifest, shard_name
 from synthbreast.report.collect import METRIC_FILE
-from synthbreast.report.render import NOT_COMPARABLE, SECTIONS
+from synthbreast.report.render import DASH, NOT_COMPARABLE, SECTIONS
 from synthbreast.report.svg import Series, line_plot, nice_ticks
 from synthbreast.results import FIDELITY_SCHEMA
 
@@ -83,7 +83,9 @@ METRIC_LINES = [
         "recall": 0.3,
         "coverage": 0.4,
         "diversity": 0.8,
-        "classes": {"1": {"kid": 41.0, "diversity": 0.8}},
+        "class_accuracy": 0.75,
+        "real_class_accuracy": 0.9,
+        "classes": {"1": {"kid": 41.0, "diversity": 0.8, "class_accuracy": 0.75}},
         "collapsed": {},
         "seconds": 2.0,
     },
@@ -376,7 +378,7 @@ def test_report_html_is_valid_and_self_contained(report):
     assert len(checker.img_srcs) == 4  # real class 0 and 1, synthetic class 1, GAN snapshot
     assert all(src.startswith("data:image/png;base64,") for src in checker.img_srcs)
     svgs = re.findall(r"<svg\b.*?</svg>", text, flags=re.S)
-    assert len(svgs) == 4  # ROC and one GAN run's losses, kid and diversity
+    assert len(svgs) == 5  # ROC and one GAN run's losses, kid, diversity, class accuracy
     for svg in svgs:
         ET.fromstring(svg)
     roc = ET.fromstring(svgs[0])
@@ -565,16 +567,21 @@ def test_a_healthy_set_has_no_banner_and_the_gan_section_shows_the_snapshot_chec
     assert "DOMAIN GAP" not in md  # synth-real failed: nothing to compare
     gan = section(md, "GAN training")
     # every metric-texture.jsonl line: step, kimg, kid, precision, recall, coverage,
-    # diversity, collapsed classes, and which snapshot is best and which generate drew from
-    assert "| 5 | 0.080 | 57.30 | 0.000 | 0.000 | 0.000 | 0.007 | 1 |  |" in gan
+    # diversity, class accuracy (a dash where the line has none), collapsed classes, and
+    # which snapshot is best and which generate drew from
+    assert f"| 5 | 0.080 | 57.30 | 0.000 | 0.000 | 0.000 | 0.007 | {DASH} | 1 |  |" in gan
     assert (
-        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | none | best: lowest kid of the "
+        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | 0.750 | none | best: lowest kid "
+        "of the "
         "snapshots with recall >= 0.10 in every class; "
         "generate used it: `runs/synthetic/class1` |"
     ) in gan
     assert f"figures/snapshots-kid-{GAN_RUN}.svg" in gan
     assert f"figures/snapshots-diversity-{GAN_RUN}.svg" in gan
     assert (report / "figures" / f"snapshots-diversity-{GAN_RUN}.svg").is_file()
+    # class_accuracy where a line has it, beside the real images' own (the dashed line)
+    accuracy_plot = report / "figures" / f"snapshots-class_accuracy-{GAN_RUN}.svg"
+    assert "real held-out images" in accuracy_plot.read_text()
     # the synthetic set: the snapshot generate chose, its check's figures and the verdict
     assert (
         f"| `runs/synthetic/class1` | 1 | best, step 10 (lowest kid in {METRIC_FILE}) | "
@@ -644,7 +651,7 @@ def test_odd_quality_and_metric_files_give_a_report_not_a_traceback(demo_shards,
     (runs / "gan" / GAN_RUN / METRIC_FILE).write_text("".join(json.dumps(v) + "\n" for v in odd))
     md, _ = report_of(runs, tmp_path / "report")
     assert f"{GAN_RUN}/{METRIC_FILE}:1: not a JSON object (skipped)" in md
-    assert "| x | — | — | — | — | — | — | — |  |" in section(md, "GAN training")
+    assert "| x | — | — | — | — | — | — | — | — |  |" in section(md, "GAN training")
     assert "GENERATOR COLLAPSED" not in md
 
 

@@ -702,10 +702,16 @@ def class_line(line: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
-    """(name, caption, SVG) of kid and of diversity against kimg, per class where there are several
-    (a mean would hide one class's collapse); the diversity plot marks the collapse line."""
+    """(name, caption, SVG) of kid, of diversity and (a conditional model) of class_accuracy
+    against kimg, per class where there are several (a mean would hide one class's collapse);
+    the diversity plot marks the collapse line, the class_accuracy plot the real images' own."""
     plots = []
-    for key, what in (("kid", "KID x1000 (lower is better)"), ("diversity", "diversity")):
+    measured = (
+        ("kid", "KID x1000 (lower is better)"),
+        ("diversity", "diversity"),
+        ("class_accuracy", "share labelled its class by a real-trained classifier"),
+    )
+    for key, what in measured:
         series = []
         classes = sorted({str(c) for line in run.metrics for c in line_classes(line)})
         label = f"class {classes[0]}" if len(classes) == 1 else "all classes"
@@ -737,6 +743,15 @@ def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
                 )
             )
             ylim = (0.0, max(1.2, *(y for s in series for y in s.y)))
+        if key == "class_accuracy":
+            xs = [x for s in series for x in s.x]
+            real = [_number(line, "real_class_accuracy") for line in run.metrics]
+            if (found := next((r for r in real if r is not None), None)) is not None:
+                series.append(
+                    Series("real held-out images (balanced)", [min(xs), max(xs)], [found] * 2,
+                           colour="#2ca02c", dash="4 3")
+                )  # fmt: skip
+            ylim = (0.0, 1.0)
         title = f"{run.name}: {key} at each snapshot"
         svg = line_plot(series, title, "kimg (thousands of real images)", what, ylim=ylim)
         plots.append((f"snapshots-{key}-{run.name}.svg", f"{key} at each snapshot", svg))
@@ -776,16 +791,20 @@ def snapshot_table(run: GanRun, collected: Collected) -> Table:
                 num(line.get("recall")),
                 num(line.get("coverage")),
                 num(line.get("diversity")),
+                num(line.get("class_accuracy")),
                 collapsed or "none",
                 "; ".join(notes),
             ]
         )
-    header = ["step", "kimg", "kid", "precision", "recall", "coverage", "diversity"]
+    header = ["step", "kimg", "kid", "precision", "recall", "coverage", "diversity",
+              "class accuracy"]  # fmt: skip
     return Table(
         [*header, "collapsed classes", "note"],
         rows,
         caption=f"{run.name}: the collapse check at each snapshot (`{METRIC_FILE}`, texture "
-        "features; kid is KID x1000, lower is better; diversity 1 = as varied as real)",
+        "features; kid is KID x1000, lower is better; diversity 1 = as varied as real; class "
+        "accuracy: a real-trained classifier's balanced accuracy on the fakes, a dash for a model "
+        "of one class)",
     )
 
 
