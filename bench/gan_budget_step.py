@@ -48,6 +48,8 @@ VARIANTS = [
     ("msggan-cond, G 32 channels at 64 px", dict(model="msggan-cond", g_fmap_min=32)),
     ("msggan-cond, label modulates G's blocks", dict(model="msggan-cond",
                                                     g_condition="modulate")),
+    ("msggan-cond, AC class loss (--class-weight 1)", dict(model="msggan-cond",
+                                                          class_weight=1.0)),
     ("budget default", dict(model="msggan-cond")),
 ]  # fmt: skip
 # The budget's default G and D, with one option changed at a time. "layout" and "adam" are
