@@ -205,9 +205,10 @@ def summarise(per_class: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 class ClassProbe:
     """A logistic regression on standardised texture features of real images, per class: how
-    a real-trained classifier labels generated ones (`class_accuracy`). Fitted once, seeded."""
+    a real-trained classifier labels generated ones (`class_accuracy`). Fitted once; lbfgs
+    draws nothing at random, so the same features give the same classifier."""
 
-    def __init__(self, real: dict[int, Tensor], seed: int = 0) -> None:
+    def __init__(self, real: dict[int, Tensor]) -> None:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -282,7 +283,7 @@ class GeneratorQuality:
         self.latents = torch.randn(count, latent_dim, generator=generator)
         self.probe = None
         if None not in self.real and len(self.real) >= 2:
-            self.probe = ClassProbe(self.real, seed)  # type: ignore[arg-type]
+            self.probe = ClassProbe(self.real)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def __call__(self, G: nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:

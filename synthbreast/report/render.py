@@ -701,6 +701,12 @@ def class_line(line: dict[str, Any], label: str) -> dict[str, Any]:
     return {**(figures if isinstance(figures, dict) else {}), "kimg": line.get("kimg")}
 
 
+def level(series: list[Series], label: str, y: float, colour: str) -> Series:
+    """A dashed horizontal reference line at `y` across the kimg that `series` span."""
+    xs = [x for s in series for x in s.x]
+    return Series(label, [min(xs), max(xs)], [y] * 2, colour=colour, dash="4 3")
+
+
 def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
     """(name, caption, SVG) of kid, of diversity and (a conditional model) of class_accuracy
     against kimg, per class where there are several (a mean would hide one class's collapse);
@@ -732,25 +738,13 @@ def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
         if key == "diversity":
             from synthbreast.eval.quality import COLLAPSE_DIVERSITY  # imports torch
 
-            xs = [x for s in series for x in s.x]
-            series.append(
-                Series(
-                    f"collapse below {COLLAPSE_DIVERSITY}",
-                    [min(xs), max(xs)],
-                    [COLLAPSE_DIVERSITY] * 2,
-                    colour="#d62728",
-                    dash="4 3",
-                )
-            )
+            series.append(level(series, f"collapse below {COLLAPSE_DIVERSITY}", COLLAPSE_DIVERSITY,
+                                "#d62728"))  # fmt: skip
             ylim = (0.0, max(1.2, *(y for s in series for y in s.y)))
         if key == "class_accuracy":
-            xs = [x for s in series for x in s.x]
             real = [_number(line, "real_class_accuracy") for line in run.metrics]
             if (found := next((r for r in real if r is not None), None)) is not None:
-                series.append(
-                    Series("real held-out images (balanced)", [min(xs), max(xs)], [found] * 2,
-                           colour="#2ca02c", dash="4 3")
-                )  # fmt: skip
+                series.append(level(series, "real held-out images (balanced)", found, "#2ca02c"))
             ylim = (0.0, 1.0)
         title = f"{run.name}: {key} at each snapshot"
         svg = line_plot(series, title, "kimg (thousands of real images)", what, ylim=ylim)
