@@ -260,7 +260,8 @@ def choose_snapshot(checkpoint: str | Path, snapshot: str) -> tuple[Path, dict[s
                 "why": f"no {METRIC_FILE} line with a checkpoint in {run}",
             }
         step, line = best
-        metric = {k: line.get(k) for k in ("kid", "precision", "recall", "coverage", "diversity")}
+        keys = ("kid", "precision", "recall", "coverage", "diversity", "synth_real_accuracy")
+        metric = {k: line.get(k) for k in keys if line.get(k) is not None}
         chosen = {"snapshot": "best", "by": f"{SNAPSHOT_RULE} in {METRIC_FILE}", **metric}
         return checkpoint_paths(run, step)[1], chosen
     if not snapshot.isdigit():

@@ -22,6 +22,7 @@ from synthbreast.eval.quality import (
     best_snapshot,
     collapse_reasons,
     quality_metrics,
+    synth_real_accuracy,
     texture_features,
 )
 from synthbreast.generate import load_generator, run_generate
@@ -185,6 +186,17 @@ def test_real_images_pass_and_a_flat_colour_is_collapse(demo_shards):
     assert len(collapse_reasons(collapsed)) == 2
 
 
+def test_synth_real_accuracy_is_high_for_the_real_look_and_low_for_swapped_classes():
+    """Fitted on the fakes, scored on the reals: fakes with each class's look score near 1,
+    fakes whose classes are swapped near 0, though each looks like a real class."""
+    rng = torch.Generator().manual_seed(0)
+    real = {c: torch.randn(200, 16, generator=rng) + 3 * c for c in (0, 1)}
+    like = {c: torch.randn(200, 16, generator=rng) + 3 * c for c in (0, 1)}
+    swapped = {c: like[1 - c] for c in (0, 1)}
+    assert min(synth_real_accuracy(like, real).values()) > 0.95
+    assert max(synth_real_accuracy(swapped, real).values()) < 0.05
+
+
 # --- real training and generation ----------------------------------------------------------
 
 
@@ -230,6 +242,8 @@ def test_conditional_model_draws_each_class_look(tmp_path):
     # labels each generated class as the class it was drawn for
     assert lines[-1]["real_class_accuracy"] > 0.95
     assert all(lines[-1]["classes"][c]["class_accuracy"] > 0.9 for c in ("0", "1"))
+    # and the other direction: a texture classifier fitted on the fakes labels the real images
+    assert all(lines[-1]["classes"][c]["synth_real_accuracy"] > 0.9 for c in ("0", "1"))
     G, info = load_generator(run)
     assert info["model_name"] == "msggan-cond" and G.config.num_classes == 2
     means = {c: real_patches(shards, c).float().mean(dim=(0, 2, 3)) for c in (0, 1)}
@@ -281,7 +295,7 @@ def snapshot_line(step: int, kid: float, *recalls: float) -> dict:
     return {"step": step, "kid": kid, "recall": sum(recalls) / len(recalls), "classes": classes}
 
 
-def test_the_best_snapshot_is_the_lowest_kid_of_those_every_class_of_which_has_recall():
+def test_without_synth_real_accuracy_the_best_snapshot_is_the_trusted_lowest_kid():
     # the real IDC sample's run: KID alone took 10 kimg, whose class 0 then failed the gate
     lines = [
         snapshot_line(1250, 1.82, 0.084, 0.081),
@@ -294,6 +308,24 @@ def test_the_best_snapshot_is_the_lowest_kid_of_those_every_class_of_which_has_r
     assert best_snapshot([{"step": 5, "kid": None}, lines[3]])["step"] == 2500
     assert best_snapshot([{"step": 5, "kid": 1.0}])["step"] == 5  # no recall measured
     assert best_snapshot([{"step": 5}]) is None
+
+
+def test_a_model_of_several_classes_takes_the_newest_snapshot_near_the_best_synth_real():
+    # the real sample's class-loss run of split 2 (2026-12-07): the highest synth_real_accuracy
+    # (14 kimg) did worse downstream than the last snapshot, 0.08 below it
+    lines = [
+        {**snapshot_line(1750, 1.67, 0.11, 0.23), "synth_real_accuracy": 0.739},
+        {**snapshot_line(2750, 1.53, 0.33, 0.45), "synth_real_accuracy": 0.625},
+        {**snapshot_line(3250, 1.41, 0.22, 0.48), "synth_real_accuracy": 0.655},
+        {**snapshot_line(3500, 5.00, 0.05, 0.50), "synth_real_accuracy": 0.900},  # untrusted
+    ]
+    assert best_snapshot(lines)["step"] == 3250
+    # an earlier snapshot that leads by more than the tolerance is taken
+    worse = {**snapshot_line(3750, 1.20, 0.30, 0.30), "synth_real_accuracy": 0.600}
+    assert best_snapshot([*lines, worse])["step"] == 3250
+    assert best_snapshot([lines[0], worse])["step"] == 1750
+    # a line without the figure (written before it existed): every line is ranked by KID
+    assert best_snapshot([*lines[:3], snapshot_line(4000, 0.9, 0.3, 0.3)])["step"] == 4000
 
 
 def test_snapshot_metric_picks_the_best_checkpoint(demo_shards, tmp_path):

@@ -84,8 +84,11 @@ METRIC_LINES = [
         "coverage": 0.4,
         "diversity": 0.8,
         "class_accuracy": 0.75,
+        "synth_real_accuracy": 0.7,
         "real_class_accuracy": 0.9,
-        "classes": {"1": {"kid": 41.0, "diversity": 0.8, "class_accuracy": 0.75}},
+        "classes": {
+            "1": {"kid": 41.0, "diversity": 0.8, "class_accuracy": 0.75, "synth_real_accuracy": 0.7}
+        },
         "collapsed": {},
         "seconds": 2.0,
     },
@@ -378,7 +381,8 @@ def test_report_html_is_valid_and_self_contained(report):
     assert len(checker.img_srcs) == 4  # real class 0 and 1, synthetic class 1, GAN snapshot
     assert all(src.startswith("data:image/png;base64,") for src in checker.img_srcs)
     svgs = re.findall(r"<svg\b.*?</svg>", text, flags=re.S)
-    assert len(svgs) == 5  # ROC and one GAN run's losses, kid, diversity, class accuracy
+    # ROC and one GAN run's losses, kid, diversity, class accuracy and synth-real accuracy
+    assert len(svgs) == 6
     for svg in svgs:
         ET.fromstring(svg)
     roc = ET.fromstring(svgs[0])
@@ -567,13 +571,14 @@ def test_a_healthy_set_has_no_banner_and_the_gan_section_shows_the_snapshot_chec
     assert "DOMAIN GAP" not in md  # synth-real failed: nothing to compare
     gan = section(md, "GAN training")
     # every metric-texture.jsonl line: step, kimg, kid, precision, recall, coverage,
-    # diversity, class accuracy (a dash where the line has none), collapsed classes, and
+    # diversity, class accuracy, synth-real accuracy (a dash where the line has none),
+    # collapsed classes, and
     # which snapshot is best and which generate drew from
-    assert f"| 5 | 0.080 | 57.30 | 0.000 | 0.000 | 0.000 | 0.007 | {DASH} | 1 |  |" in gan
+    assert f"| 5 | 0.080 | 57.30 | 0.000 | 0.000 | 0.000 | 0.007 | {DASH} | {DASH} | 1 |  |" in gan
     assert (
-        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | 0.750 | none | best: lowest kid "
-        "of the "
-        "snapshots with recall >= 0.10 in every class; "
+        "| 10 | 0.160 | 41.00 | 0.500 | 0.300 | 0.400 | 0.800 | 0.750 | 0.700 | none | best: "
+        "the newest of the snapshots with recall >= 0.10 in every class whose "
+        "synth_real_accuracy is within 0.10 of the highest (lowest kid without classes); "
         "generate used it: `runs/synthetic/class1` |"
     ) in gan
     assert f"figures/snapshots-kid-{GAN_RUN}.svg" in gan
@@ -582,6 +587,8 @@ def test_a_healthy_set_has_no_banner_and_the_gan_section_shows_the_snapshot_chec
     # class_accuracy where a line has it, beside the real images' own (the dashed line)
     accuracy_plot = report / "figures" / f"snapshots-class_accuracy-{GAN_RUN}.svg"
     assert "real held-out images" in accuracy_plot.read_text()
+    synth_real_plot = report / "figures" / f"snapshots-synth_real_accuracy-{GAN_RUN}.svg"
+    assert "real held-out images" in synth_real_plot.read_text()
     # the synthetic set: the snapshot generate chose, its check's figures and the verdict
     assert (
         f"| `runs/synthetic/class1` | 1 | best, step 10 (lowest kid in {METRIC_FILE}) | "
@@ -651,7 +658,7 @@ def test_odd_quality_and_metric_files_give_a_report_not_a_traceback(demo_shards,
     (runs / "gan" / GAN_RUN / METRIC_FILE).write_text("".join(json.dumps(v) + "\n" for v in odd))
     md, _ = report_of(runs, tmp_path / "report")
     assert f"{GAN_RUN}/{METRIC_FILE}:1: not a JSON object (skipped)" in md
-    assert "| x | — | — | — | — | — | — | — | — |  |" in section(md, "GAN training")
+    assert "| x | — | — | — | — | — | — | — | — | — |  |" in section(md, "GAN training")
     assert "GENERATOR COLLAPSED" not in md
 
 

@@ -709,13 +709,15 @@ def level(series: list[Series], label: str, y: float, colour: str) -> Series:
 
 def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
     """(name, caption, SVG) of kid, of diversity and (a conditional model) of class_accuracy
-    against kimg, per class where there are several (a mean would hide one class's collapse);
-    the diversity plot marks the collapse line, the class_accuracy plot the real images' own."""
+    and synth_real_accuracy against kimg, per class where there are several (a mean would
+    hide one class's collapse); the diversity plot marks the collapse line, the accuracy
+    plots the real images' own held-out figure."""
     plots = []
     measured = (
         ("kid", "KID x1000 (lower is better)"),
         ("diversity", "diversity"),
         ("class_accuracy", "share labelled its class by a real-trained classifier"),
+        ("synth_real_accuracy", "share of real images labelled right, fitted on the fakes"),
     )
     for key, what in measured:
         series = []
@@ -741,7 +743,7 @@ def snapshot_plots(run: GanRun) -> list[tuple[str, str, str]]:
             series.append(level(series, f"collapse below {COLLAPSE_DIVERSITY}", COLLAPSE_DIVERSITY,
                                 "#d62728"))  # fmt: skip
             ylim = (0.0, max(1.2, *(y for s in series for y in s.y)))
-        if key == "class_accuracy":
+        if key in ("class_accuracy", "synth_real_accuracy"):
             real = [_number(line, "real_class_accuracy") for line in run.metrics]
             if (found := next((r for r in real if r is not None), None)) is not None:
                 series.append(level(series, "real held-out images (balanced)", found, "#2ca02c"))
@@ -786,19 +788,21 @@ def snapshot_table(run: GanRun, collected: Collected) -> Table:
                 num(line.get("coverage")),
                 num(line.get("diversity")),
                 num(line.get("class_accuracy")),
+                num(line.get("synth_real_accuracy")),
                 collapsed or "none",
                 "; ".join(notes),
             ]
         )
     header = ["step", "kimg", "kid", "precision", "recall", "coverage", "diversity",
-              "class accuracy"]  # fmt: skip
+              "class accuracy", "synth-real accuracy"]  # fmt: skip
     return Table(
         [*header, "collapsed classes", "note"],
         rows,
         caption=f"{run.name}: the collapse check at each snapshot (`{METRIC_FILE}`, texture "
         "features; kid is KID x1000, lower is better; diversity 1 = as varied as real; class "
-        "accuracy: a real-trained classifier's balanced accuracy on the fakes, a dash for a model "
-        "of one class)",
+        "accuracy: a real-trained classifier's balanced accuracy on the fakes; synth-real "
+        "accuracy: a classifier fitted on the fakes, its balanced accuracy on the real images; a "
+        "dash for a model of one class)",
     )
 
 
