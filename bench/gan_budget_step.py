@@ -76,7 +76,9 @@ def img_per_s(shards: Path, budget: str, kimg: float, overrides: dict, outdir: P
     overrides = dict(overrides)
     layout = overrides.pop("layout", torch.channels_last)
     adam = overrides.pop("adam", gan.OPTIMIZERS["adam"])
-    config = apply_budget(TrainGANConfig(shards=str(shards), outdir=str(outdir)), budget)
+    model = overrides.pop("model", TrainGANConfig.model)  # before the budget (CONDITIONAL_ONLY)
+    config = TrainGANConfig(shards=str(shards), outdir=str(outdir), model=model)
+    config = apply_budget(config, budget)
     config = replace(config, kimg=kimg, tick_kimg=kimg / 5, snapshot_kimg=kimg,
                      checkpoint_kimg=kimg, metric_images=0, **overrides)  # fmt: skip
     # accelerate keeps one state per process: a variant with another precision needs it anew

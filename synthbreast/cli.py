@@ -589,9 +589,10 @@ def train_gan(
         workers=workers,
         resume=resume,
     )
+    if model:  # before the budget: some of its values are for conditional models only
+        config = dataclasses.replace(config, model=GanModel(model).value)
     config = apply_budget(config, Budget(budget).value if budget else None)
     given = dict(
-        model=model and GanModel(model).value,
         loss=loss and GanLoss(loss).value,
         augment=augment and GanAugment(augment).value,
         dihedral=dihedral,

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from synthbreast.cli import app
 from synthbreast.config import TrainGANConfig
 from synthbreast.errors import UserError
+from synthbreast.train import gan
 from synthbreast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from synthbreast.train.gan import apply_budget, load_optimizer_state, train_gan
 
@@ -191,6 +192,26 @@ def test_cli_dry_run_applies_budget_then_flags(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
     assert config["budget"] == "small" and config["kimg"] == 3.0 and config["width"] == 1 / 16
+
+
+def test_the_budgets_class_loss_goes_to_conditional_models_only(tmp_path):
+    """`small` trains msggan-cond with the class loss; the same budget for one model per class
+    leaves it out, where the flag given for such a model is refused."""
+    small = gan.BUDGETS["small"]["class_weight"]
+    assert small > 0 and "class_weight" in gan.CONDITIONAL_ONLY
+
+    def dry(*flags: str):
+        args = ["train-gan", str(tmp_path), "--budget", "small", *flags, "--dry-run"]
+        return CliRunner().invoke(app, args)
+
+    conditional = dry("--model", "msggan-cond")
+    assert conditional.exit_code == 0, conditional.output
+    assert json.loads(conditional.output)["class_weight"] == small
+    per_class = dry("--model", "msggan", "--class", "1")
+    assert per_class.exit_code == 0, per_class.output
+    assert json.loads(per_class.output)["class_weight"] == 0.0
+    refused = dry("--model", "msggan", "--class", "1", "--class-weight", "0.3")
+    assert refused.exit_code != 0 and "needs class labels" in refused.output
 
 
 @pytest.mark.distributed
