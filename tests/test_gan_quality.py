@@ -320,7 +320,8 @@ def test_a_model_of_several_classes_takes_the_newest_snapshot_near_the_best_synt
         {**snapshot_line(3500, 5.00, 0.05, 0.50), "synth_real_accuracy": 0.900},  # untrusted
     ]
     assert best_snapshot(lines)["step"] == 3250
-    # an earlier snapshot that leads by more than the tolerance is taken
+    # a later snapshot more than the tolerance below the best is passed over, and an earlier
+    # one that leads the rest by more than the tolerance is taken
     worse = {**snapshot_line(3750, 1.20, 0.30, 0.30), "synth_real_accuracy": 0.600}
     assert best_snapshot([*lines, worse])["step"] == 3250
     assert best_snapshot([lines[0], worse])["step"] == 1750

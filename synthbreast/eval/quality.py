@@ -341,8 +341,8 @@ class GeneratorQuality:
                 found["class_accuracy"] = self.probe.accuracy(fake, label)
             per_class["all" if label is None else str(label)] = found
         if self.probe is not None:
-            found = synth_real_accuracy(fakes, self.real)  # type: ignore[arg-type]
-            for label, share in found.items():
+            shares = synth_real_accuracy(fakes, self.real)  # type: ignore[arg-type]
+            for label, share in shares.items():
                 per_class[str(label)]["synth_real_accuracy"] = share
         summary = summarise(per_class)
         if self.probe is not None:
