@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,20 +116,38 @@ def main() -> None:
         if not variants:
             parser.error(f"--only {args.only}: no variant label contains it")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, budget {args.budget}")
-    found: dict[str, list[float]] = {label: [] for label, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            for i, (label, overrides) in enumerate(variants):
-                outdir = Path(tmp) / f"r{round_index}-v{i}"
-                found[label].append(img_per_s(args.shards, args.budget, args.kimg, overrides,
-                                              outdir))  # fmt: skip
-                print(f"  round {round_index}: {label}: {found[label][-1]:.1f} img/s", flush=True)
-    first = statistics.mean(found[variants[0][0]])
-    print(f"{'variant':40s} {'img/s per round':>24s} {'mean':>8s} {'vs first':>9s}")
+        overrides = dict(variants)
+
+        def measure(label: str, round_index: int, index: int) -> float:
+            outdir = Path(tmp) / f"r{round_index}-v{index}"
+            return img_per_s(args.shards, args.budget, args.kimg, overrides[label], outdir)
+
+        alternate([label for label, _ in variants], args.rounds, measure, "variant", 40)
+
+
+def alternate(
+    labels: list[str],
+    rounds: int,
+    measure: Callable[[str, int, int], float],
+    heading: str,
+    width: int,
+) -> dict[str, list[float]]:
+    """Time every setting once per round, in the same order each round (so that load from
+    other work hits all alike): `measure(label, round, index)` returns img/s. Prints each
+    figure as it comes, then the table with each setting's ratio to the first."""
+    found: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(rounds):
+        for index, label in enumerate(labels):
+            found[label].append(measure(label, round_index, index))
+            print(f"  round {round_index}: {label}: {found[label][-1]:.1f} img/s", flush=True)
+    first = statistics.mean(found[labels[0]])
+    print(f"{heading:{width}s} {'img/s per round':>24s} {'mean':>8s} {'vs first':>9s}")
     for label, values in found.items():
-        rounds = " ".join(f"{v:6.1f}" for v in values)
+        rounds_text = " ".join(f"{v:6.1f}" for v in values)
         mean = statistics.mean(values)
-        print(f"{label:40s} {rounds:>24s} {mean:8.1f} {mean / first:8.2f}x")
+        print(f"{label:{width}s} {rounds_text:>24s} {mean:8.1f} {mean / first:8.2f}x")
+    return found
 
 
 if __name__ == "__main__":

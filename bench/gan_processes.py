@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gan_budget_step import alternate  # bench/, beside this file
+
 
 def img_per_s(shards: Path, setting: str, kimg: float, outdir: Path) -> float:
     processes, _, threads = setting.partition(":")
@@ -47,19 +49,13 @@ def main() -> None:
     parser.add_argument("--kimg", type=float, default=0.8)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    found: dict[str, list[float]] = {s: [] for s in args.settings}
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            for setting in args.settings:
-                outdir = Path(tmp) / f"{round_}-{setting.replace(':', 'x')}"
-                found[setting].append(img_per_s(args.shards, setting, args.kimg, outdir))
-                print(f"  round {round_}: {setting}: {found[setting][-1]:.1f} img/s", flush=True)
-    first = statistics.mean(found[args.settings[0]])
-    print(f"{'processes:threads':<20}{'img/s per round':<24}{'mean':>8}{'vs first':>10}")
-    for setting, values in found.items():
-        rounds = " ".join(f"{v:6.1f}" for v in values)
-        mean = statistics.mean(values)
-        print(f"{setting:<20}{rounds:<24}{mean:8.1f}{mean / first:9.2f}x")
+
+        def measure(setting: str, round_index: int, _: int) -> float:
+            outdir = Path(tmp) / f"{round_index}-{setting.replace(':', 'x')}"
+            return img_per_s(args.shards, setting, args.kimg, outdir)
+
+        alternate(args.settings, args.rounds, measure, "processes:threads", 20)
 
 
 if __name__ == "__main__":
