@@ -468,6 +468,15 @@ ChainPerClassGans = Annotated[
 ChainKeepGoing = Annotated[
     bool, typer.Option(help="Classify even when a generator collapsed (the report warns).")
 ]
+ChainFilter = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--filter",
+        help="Which generated images to keep: none, or class-probe (only those a texture "
+        "probe fitted on the GAN's training images labels their class) [default: the "
+        "budget's; small: class-probe].",
+    ),
+]
 ChainSeed = Annotated[int, typer.Option(help="Seed of every stage.")]
 ChainWorkers = Annotated[int, typer.Option(help="Processes/loader workers.")]
 
@@ -669,6 +678,15 @@ def generate(
         typer.Option(help="Resize to this side, e.g. 50 = real IDC [default: model's]."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per generator call.")] = 100,
+    filter: Annotated[
+        str,
+        typer.Option(
+            "--filter",
+            help="none: keep every image drawn. class-probe: keep only images that a texture "
+            "probe fitted on the GAN's training images labels the class drawn, drawing up to "
+            "4 candidates per image (a shard still short is topped up and the count printed).",
+        ),
+    ] = "none",
     config_file: ConfigFile = None,
     dry_run: Annotated[bool, typer.Option(help="Print the config and stop.")] = False,
 ) -> None:
@@ -690,6 +708,7 @@ def generate(
         shard_range=shard_range,
         output_size=output_size,
         batch_size=batch_size,
+        filter=filter,
     )
     config = job_config(ctx, config_file, config, required=["checkpoint", "out"])
     if dry_run:
@@ -790,6 +809,7 @@ def pipeline(
     skip_bad: ChainSkipBad = False,
     per_class_gans: ChainPerClassGans = False,
     keep_going: ChainKeepGoing = False,
+    filter: ChainFilter = None,
     seed: ChainSeed = 0,
     workers: ChainWorkers = 2,
     config_file: ConfigFile = None,
@@ -1057,6 +1077,7 @@ def submit_all(
     skip_bad: ChainSkipBad = False,
     per_class_gans: ChainPerClassGans = False,
     keep_going: ChainKeepGoing = False,
+    filter: ChainFilter = None,
     seed: ChainSeed = 0,
     workers: ChainWorkers = 2,
     config_file: ConfigFile = None,

@@ -267,6 +267,9 @@ class GenerateConfig:
     shard_range: str | None = run_only(None)  # "START:END", end exclusive; None: all or Slurm's
     output_size: int | None = None  # None: the model's resolution; e.g. 50 = real patch size
     batch_size: int = 100
+    # none: every image drawn; class-probe: only images a texture probe fitted on the GAN's
+    # training pool labels their class (synthbreast/eval/quality.py, ClassFilter)
+    filter: str = "none"
 
 
 @dataclass
@@ -300,6 +303,7 @@ class PipelineConfig:
     budget: str = "small"  # tiny | small | paper (synthbreast/chain.py PIPELINE_BUDGETS)
     per_class_gans: bool = False  # the paper's one MSG-GAN per class; default one conditional
     keep_going: bool = False  # classify even when the generator collapsed (the report warns)
+    filter: str | None = None  # generate's --filter: None = the budget's
     backbone: str | None = None  # classifier backbone: None = the budget's
     weights: str | None = None  # classifier weights: None = the budget's (none, or imagenet)
     weights_path: str | None = None
@@ -323,6 +327,7 @@ class PipelineBudget:
     backbone: str
     weights: str
     fidelity_extractors: tuple[str, ...]  # () = fidelity's default extractors
+    synth_filter: str = "none"  # generate's --filter (synthbreast/generate.py FILTERS)
     # array tasks of each feature pass under Slurm (`submit all`), the classifier's and
     # fidelity's: each task embeds its block of the shards once, before the stage that reads
     # them all (the scenario array, the fidelity job)

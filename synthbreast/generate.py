@@ -15,6 +15,11 @@ bit-identical for 1, 2, 3, 4 and 8 threads and for batches of 64 split 32+32 or 
 sets 1 per process, a plain run uses all cores) and `batch_size` is part of the job's identity.
 A GPU gives other bits than the CPU; shards of one OUT should come from one kind of device.
 
+`--filter class-probe` keeps only the images that a texture probe fitted on the GAN's own
+training pool labels the class they were drawn as (synthbreast/eval/quality.py, ClassFilter):
+each shard draws candidates in fixed batches from its own seed until it is full, and records
+how many it drew and how many it had to top up from below the probe's threshold.
+
 Keys and seeds name the class (KEY_SCHEME 2): sample keys are `syn-c<class>-<shard>-<index>` and
 the seed is derived from (seed, class, shard), so the class-0 and class-1 sets of one job neither
 share keys (predictions.csv had duplicates) nor latents. This changes the bytes of every shard
@@ -62,6 +67,7 @@ from synthbreast.data.shards import (
     write_shard,
 )
 from synthbreast.errors import UserError
+from synthbreast.eval.quality import FILTER_DRAWS, FILTER_THRESHOLD, ClassFilter
 from synthbreast.fileio import read_json, sha256_file
 from synthbreast.models.registry import LEGACY_MODEL, MODELS, build_config
 from synthbreast.progress import console
@@ -352,6 +358,8 @@ def check_quality(
     if not train.get("shards"):
         return {"checked": False, "why": "the checkpoint does not name its training shards"}
     try:
+        if not train.get("shards"):
+            raise KeyError("the checkpoint does not name them")
         root = Path(train["shards"])
         paths = pool_shards(root, load_manifest(root), train.get("pool", "gan"))
         reference = None if not G.config.num_classes and train.get("class_label") is None else label
@@ -360,6 +368,25 @@ def check_quality(
         return {"checked": False, "why": f"the GAN's training shards are not readable ({err})"}
     found = measure(G, device)
     return {"checked": True, "features": "texture", "images": QUALITY_IMAGES, **found}
+
+
+def class_filter(config: GenerateConfig, checkpoint: dict[str, Any]) -> ClassFilter:
+    """The probe of `--filter class-probe`, fitted on every class of the GAN's training pool."""
+    from synthbreast.data.shards import pool_shards
+
+    train = checkpoint["train_config"]
+    classes = range(len(checkpoint["training_source"].get("class_names", CLASS_NAMES)))
+    try:
+        if not train.get("shards"):
+            raise KeyError("the checkpoint does not name them")
+        root = Path(train["shards"])
+        paths = pool_shards(root, load_manifest(root), train.get("pool", "gan"))
+        return ClassFilter(paths, classes)
+    except (KeyError, UserError, OSError, ValueError) as err:
+        raise UserError(
+            f"--filter class-probe needs the GAN's training shards with every class ({err}): "
+            "make them readable again, or use --filter none"
+        ) from err
 
 
 def warn_if_collapsed(quality: dict[str, Any], out: Path) -> None:
@@ -428,6 +455,27 @@ def encode_png(pixels: np.ndarray, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def sample_meta(config: GenerateConfig, checkpoint: dict, shard: int, label: int, index: int,
+                size: int, **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The json member of one generated sample."""
+    return {
+        "synthetic": True,
+        "patient": "synthetic",
+        "pool": POOL,
+        "label": label,
+        "checkpoint": checkpoint["sha256"],
+        "checkpoint_path": checkpoint["path"],
+        "checkpoint_step": checkpoint["step"],
+        "seed": shard_seed(config.seed, shard, label),
+        "base_seed": config.seed,
+        "shard": shard,
+        "index": index,
+        "width": size,
+        "height": size,
+        **extra,
+    }
+
+
 def shard_samples(
     G: torch.nn.Module,
     device: torch.device,
@@ -451,24 +499,66 @@ def shard_samples(
             images = G.sample(z, labels, noise)
         for offset, pixels in enumerate(to_uint8(images)):
             index = start + offset
-            meta = {
-                "synthetic": True,
-                "patient": "synthetic",
-                "pool": POOL,
-                "label": label,
-                "checkpoint": checkpoint["sha256"],
-                "checkpoint_path": checkpoint["path"],
-                "checkpoint_step": checkpoint["step"],
-                "seed": seed,
-                "base_seed": config.seed,
-                "shard": shard,
-                "index": index,
-                "width": size,
-                "height": size,
-            }
+            meta = sample_meta(config, checkpoint, shard, label, index, size)
             yield Sample(sample_key(label, shard, index), encode_png(pixels, size), label, meta)
         if on_images is not None:
             on_images(len(images))
+
+
+def filtered_shard_samples(
+    G: torch.nn.Module,
+    device: torch.device,
+    config: GenerateConfig,
+    shard: int,
+    label: int,
+    size: int,
+    checkpoint: dict[str, Any],
+    keep: ClassFilter,
+    stats: dict[str, int],
+    on_images=None,
+) -> Iterator[Sample]:
+    """`--filter class-probe`: the shard's candidates, drawn in fixed batches from its own
+    seed, scored as written (the PNG at its output size); the first `per_shard` the probe
+    labels `label` are kept, in the order drawn. After FILTER_DRAWS x per_shard candidates a
+    shard still short is topped up with the most probable of the rest, counted in `stats`
+    (`below_threshold`) and in the manifest, so a generator the probe disowns still fills its
+    shards and says so. Bytes depend on (seed, class, shard, batch size, training pool)."""
+    from synthbreast.data.shards import decode_image
+
+    seed = shard_seed(config.seed, shard, label)
+    latents = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.Generator(device="cpu").manual_seed(seed ^ NOISE_STREAM)
+    limit = FILTER_DRAWS * config.per_shard
+    kept: list[tuple[int, float, bytes]] = []  # (candidate, probability, png)
+    rest: list[tuple[int, float, bytes]] = []
+    drawn = 0
+    while len(kept) < config.per_shard and drawn < limit:
+        count = min(config.batch_size, limit - drawn)
+        z = torch.randn(count, G.config.latent_dim, generator=latents).to(device)
+        labels = torch.full((count,), label, device=device) if G.config.num_classes else None
+        with torch.no_grad():
+            images = G.sample(z, labels, noise)
+        pngs = [encode_png(pixels, size) for pixels in to_uint8(images)]
+        seen = np.stack([np.asarray(decode_image(png)) for png in pngs])
+        for offset, (png, p) in enumerate(zip(pngs, keep.probability(seen, label), strict=True)):
+            (kept if p >= FILTER_THRESHOLD else rest).append((drawn + offset, float(p), png))
+        if on_images is not None:
+            on_images(min(config.per_shard, len(kept)) - stats.get("reported", 0))
+            stats["reported"] = min(config.per_shard, len(kept))
+        drawn += count
+    kept = kept[: config.per_shard]
+    short = config.per_shard - len(kept)
+    if short:
+        kept += sorted(rest, key=lambda c: (-c[1], c[0]))[:short]
+        kept.sort()
+        if on_images is not None:
+            on_images(short)
+    stats.update(candidates=drawn, below_threshold=short)
+    stats.pop("reported", None)
+    for index, (candidate, p, png) in enumerate(kept):
+        meta = sample_meta(config, checkpoint, shard, label, index, size,
+                           candidate=candidate, class_probability=round(p, 6))  # fmt: skip
+        yield Sample(sample_key(label, shard, index), png, label, meta)
 
 
 # --- the manifest, shared by every process writing to OUT ----------------------------------
@@ -577,7 +667,8 @@ def open_manifest(out: Path, config: GenerateConfig, job: dict, checkpoint: dict
             f"the class; this one writes key_scheme {job['key_scheme']}): shards of the two must "
             "not mix: use a new --out, or delete that folder to remake it"
         )
-    differ = identity_differences(manifest["job"], job)
+    # a job written before --filter existed kept every image it drew
+    differ = identity_differences({"filter": "none", **manifest["job"]}, job)
     if differ:
         raise UserError(
             f"{out} was generated with another job ({'; '.join(differ)}); shards of two jobs "
@@ -607,7 +698,12 @@ def shard_complete(out: Path, entry: dict[str, Any] | None) -> bool:
 # --- the job ---------------------------------------------------------------------------------
 
 
+FILTERS = ("none", "class-probe")  # which drawn images a shard keeps (GenerateConfig.filter)
+
+
 def validate(config: GenerateConfig) -> None:
+    if config.filter not in FILTERS:
+        raise UserError(f"--filter {config.filter!r} unknown; choose from {', '.join(FILTERS)}")
     for name in ("shards", "per_shard", "batch_size"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -780,15 +876,33 @@ def _make_shards(config, env, out, mine, G, device, checkpoint, job, label, size
         what = "generating" if world == 1 else f"generating (rank {rank})"
         task = progress.add_task(what, total=len(todo) * config.per_shard)
     advance = (lambda n: progress.advance(task, n)) if task is not None else None
+    keep = class_filter(config, checkpoint) if todo and config.filter == "class-probe" else None
     generating = time.perf_counter()
+    short = 0
     for shard in todo:
+        stats: dict[str, int] = {}
 
-        def record(entry: dict[str, Any]) -> None:
-            listed_entry = {"name": entry["name"], "pool": POOL, **entry, "made_by": made_by}
+        def record(entry: dict[str, Any], stats: dict[str, int] = stats) -> None:
+            listed_entry = {"name": entry["name"], "pool": POOL, **entry, **stats,
+                            "made_by": made_by}  # fmt: skip
             record_shard(out, config.shards, listed_entry)
 
-        samples = shard_samples(G, device, config, shard, label, size, checkpoint, advance)
+        if keep is None:
+            samples = shard_samples(G, device, config, shard, label, size, checkpoint, advance)
+        else:
+            samples = filtered_shard_samples(
+                G, device, config, shard, label, size, checkpoint, keep, stats, advance
+            )
         write_shard(out / shard_name(shard), samples, before_rename=record)
+        short += stats.get("below_threshold", 0)
+    if short:
+        console.print(
+            f"[bold yellow]--filter class-probe: {short} of {len(todo) * config.per_shard} "
+            f"class-{label} images are below the probe's threshold (too few of "
+            f"{FILTER_DRAWS} candidates per image were labelled their class): the generator "
+            "draws this class poorly[/]",
+            highlight=False,
+        )
     seconds = time.perf_counter() - generating
     with manifest_lock(out):
         status = load_manifest(out)["status"]
