@@ -20,6 +20,7 @@ from synthbreast.data.shards import (
 from synthbreast.errors import UserError
 from synthbreast.eval.quality import FILTER_DRAWS, FILTER_THRESHOLD
 from synthbreast.generate import class_filter, load_generator, run_generate
+from synthbreast.report.render import filter_text
 from synthbreast.train.gan import train_gan
 from tests.test_gan_quality import tiny, two_look_shards
 from tests.test_generate import config, make_run
@@ -69,6 +70,11 @@ def test_kept_images_are_labelled_their_class_and_remade_bit_for_bit(early_run, 
     _, manifest = draw(run, tmp_path / "c0", 0, filter="class-probe")
     assert [e["below_threshold"] for e in manifest["shards"]] == [6, 6]
     assert [e["candidates"] for e in manifest["shards"]] == [FILTER_DRAWS * 6] * 2
+    # the report's synthetic-set table says what was kept of what was drawn
+    assert (
+        filter_text(manifest)
+        == f"class-probe: 12 of {FILTER_DRAWS * 12} drawn, 12 below the threshold"
+    )
     said = capsys.readouterr().err
     assert "12 of 12 class-0 images" in said and "below the probe's threshold" in said
     # the top-up chose: the kept are more class-0-like than what the generator draws

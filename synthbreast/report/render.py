@@ -830,6 +830,19 @@ def verdict(folder: ShardFolder) -> str:
     return "ok"
 
 
+def filter_text(manifest: dict[str, Any]) -> str:
+    """What generate kept of what it drew (`--filter`), from the manifest's shard entries."""
+    name = (manifest.get("job") or {}).get("filter", "none")
+    if name == "none":
+        return "all drawn"
+    shards = manifest.get("shards") or []
+    kept = sum(s.get("count", 0) for s in shards)
+    drawn = sum(s.get("candidates", 0) for s in shards)
+    short = sum(s.get("below_threshold", 0) for s in shards)
+    text = f"{name}: {kept:,} of {drawn:,} drawn"
+    return f"{text}, {short:,} below the threshold" if short else text
+
+
 def synthetic_sets_table(collected: Collected) -> Table:
     """generate's collapse check of each synthetic folder, and the snapshot it drew from."""
     rows = []
@@ -844,10 +857,16 @@ def synthetic_sets_table(collected: Collected) -> Table:
                 num(quality.get("recall")),
                 num(quality.get("diversity")),
                 verdict(folder),
+                filter_text(folder.manifest),
             ]
         )
-    header = ["folder", "class", "snapshot", "kid", "recall", "diversity", "verdict"]
-    return Table(header, rows, caption="Synthetic set check (generate, texture features)")
+    header = ["folder", "class", "snapshot", "kid", "recall", "diversity", "verdict", "kept"]
+    return Table(
+        header,
+        rows,
+        caption="Synthetic set check (generate, texture features: the generator's own draws, "
+        "before any --filter); kept: what --filter class-probe kept of what was drawn",
+    )
 
 
 def gan_section(doc: Document, collected: Collected) -> None:
