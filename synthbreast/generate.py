@@ -358,8 +358,6 @@ def check_quality(
     if not train.get("shards"):
         return {"checked": False, "why": "the checkpoint does not name its training shards"}
     try:
-        if not train.get("shards"):
-            raise KeyError("the checkpoint does not name them")
         root = Path(train["shards"])
         paths = pool_shards(root, load_manifest(root), train.get("pool", "gan"))
         reference = None if not G.config.num_classes and train.get("class_label") is None else label
