@@ -483,8 +483,15 @@ def shard_samples(
     size: int,
     checkpoint: dict[str, Any],
     on_images=None,
+    keep: ClassFilter | None = None,
+    stats: dict[str, int] | None = None,
 ) -> Iterator[Sample]:
-    """The samples of one shard, in order; G runs on batches cut at fixed offsets."""
+    """The samples of one shard, in order; G runs on batches cut at fixed offsets. With
+    `keep` (--filter class-probe), those of `_filtered_samples`, its counts put in `stats`."""
+    if keep is not None:
+        yield from _filtered_samples(G, device, config, shard, label, size, checkpoint, keep,
+                                     {} if stats is None else stats, on_images)  # fmt: skip
+        return
     latents = shard_latents(config.seed, shard, label, config.per_shard, G.config.latent_dim)
     seed = shard_seed(config.seed, shard, label)
     # the per-pixel noise of a noise-injecting G: its own stream, drawn in the same fixed
@@ -503,18 +510,7 @@ def shard_samples(
             on_images(len(images))
 
 
-def filtered_shard_samples(
-    G: torch.nn.Module,
-    device: torch.device,
-    config: GenerateConfig,
-    shard: int,
-    label: int,
-    size: int,
-    checkpoint: dict[str, Any],
-    keep: ClassFilter,
-    stats: dict[str, int],
-    on_images=None,
-) -> Iterator[Sample]:
+def _filtered_samples(G, device, config, shard, label, size, checkpoint, keep, stats, on_images):
     """`--filter class-probe`: the shard's candidates, drawn in fixed batches from its own
     seed, scored as written (the PNG at its output size); the first `per_shard` the probe
     labels `label` are kept, in the order drawn. After FILTER_DRAWS x per_shard candidates a
@@ -529,7 +525,7 @@ def filtered_shard_samples(
     limit = FILTER_DRAWS * config.per_shard
     kept: list[tuple[int, float, bytes]] = []  # (candidate, probability, png)
     rest: list[tuple[int, float, bytes]] = []
-    drawn = 0
+    drawn = reported = 0
     while len(kept) < config.per_shard and drawn < limit:
         count = min(config.batch_size, limit - drawn)
         z = torch.randn(count, G.config.latent_dim, generator=latents).to(device)
@@ -541,8 +537,8 @@ def filtered_shard_samples(
         for offset, (png, p) in enumerate(zip(pngs, keep.probability(seen, label), strict=True)):
             (kept if p >= FILTER_THRESHOLD else rest).append((drawn + offset, float(p), png))
         if on_images is not None:
-            on_images(min(config.per_shard, len(kept)) - stats.get("reported", 0))
-            stats["reported"] = min(config.per_shard, len(kept))
+            on_images(min(config.per_shard, len(kept)) - reported)
+            reported = min(config.per_shard, len(kept))
         drawn += count
     kept = kept[: config.per_shard]
     short = config.per_shard - len(kept)
@@ -552,7 +548,6 @@ def filtered_shard_samples(
         if on_images is not None:
             on_images(short)
     stats.update(candidates=drawn, below_threshold=short)
-    stats.pop("reported", None)
     for index, (candidate, p, png) in enumerate(kept):
         meta = sample_meta(config, checkpoint, shard, label, index, size,
                            candidate=candidate, class_probability=round(p, 6))  # fmt: skip
@@ -885,12 +880,9 @@ def _make_shards(config, env, out, mine, G, device, checkpoint, job, label, size
                             "made_by": made_by}  # fmt: skip
             record_shard(out, config.shards, listed_entry)
 
-        if keep is None:
-            samples = shard_samples(G, device, config, shard, label, size, checkpoint, advance)
-        else:
-            samples = filtered_shard_samples(
-                G, device, config, shard, label, size, checkpoint, keep, stats, advance
-            )
+        samples = shard_samples(
+            G, device, config, shard, label, size, checkpoint, advance, keep, stats
+        )
         write_shard(out / shard_name(shard), samples, before_rename=record)
         short += stats.get("below_threshold", 0)
     if short:
